@@ -1,0 +1,37 @@
+"""Shared fixtures for the gate: the committed claims, the official test set, the committed model."""
+import os
+
+import pytest
+from torchvision import transforms
+from torchvision.datasets import MNIST
+
+from data import DataError, load_mnist
+from test_model import METRICS, RETRAIN, ROOT, WEIGHTS, load_weights, read_metrics, score
+
+DATA_DIR = os.environ.get("MNIST_DATA_DIR", str(ROOT / "data"))
+
+
+@pytest.fixture(scope="session")
+def metrics():
+    return read_metrics(METRICS)
+
+
+@pytest.fixture(scope="session")
+def test_set():
+    try:
+        load_mnist(DATA_DIR, train=False, device="cpu")  # downloads, or says how to get the files
+    except DataError as e:
+        pytest.fail(str(e))
+    return MNIST(DATA_DIR, train=False, transform=transforms.ToTensor())
+
+
+@pytest.fixture(scope="session")
+def committed_model(metrics):
+    if not WEIGHTS.exists():
+        pytest.fail(f"{WEIGHTS.name} is missing: {RETRAIN}")
+    return load_weights(metrics, WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def committed_accuracy(committed_model, test_set):
+    return score(committed_model, test_set)

@@ -1,0 +1,109 @@
+"""A tiny CNN for MNIST: BatchNorm, Dropout, global average pooling, no fully-connected layer.
+
+    python model.py        # prints the layer table and the receptive-field table
+
+Input: (N, 1, 28, 28) floats in [0, 1], as ToTensor gives. Output: (N, 10) logits.
+"""
+import torch
+import torch.nn as nn
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # training-set pixel statistics
+
+
+def conv_block(c_in, c_out, padding, dropout):
+    """3x3 conv -> BatchNorm -> ReLU -> channel dropout. No conv bias: BN's shift replaces it."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=padding, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(),
+        nn.Dropout2d(dropout),
+    )
+
+
+class Net(nn.Module):
+    def __init__(self, dropout=0.05):
+        super().__init__()
+        # Fixed normalisation inside the model: callers feed raw [0, 1] pixels.
+        self.register_buffer("mean", torch.tensor(MNIST_MEAN))
+        self.register_buffer("std", torch.tensor(MNIST_STD))
+        self.conv1 = conv_block(1, 8, padding=0, dropout=dropout)
+        self.conv2 = conv_block(8, 10, padding=0, dropout=dropout)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv3 = conv_block(10, 12, padding=1, dropout=dropout)
+        self.conv4 = conv_block(12, 12, padding=1, dropout=dropout)
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv5 = conv_block(12, 12, padding=1, dropout=dropout)
+        self.head = nn.Conv2d(12, 10, 3, padding=1, bias=False)  # one map per class
+        self.gap = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):              # (N, 1, 28, 28)
+        x = (x - self.mean) / self.std
+        x = self.conv1(x)              # (N, 8, 26, 26)
+        x = self.conv2(x)              # (N, 10, 24, 24)
+        x = self.pool1(x)              # (N, 10, 12, 12)
+        x = self.conv3(x)              # (N, 12, 12, 12)
+        x = self.conv4(x)              # (N, 12, 12, 12)
+        x = self.pool2(x)              # (N, 12, 6, 6)
+        x = self.conv5(x)              # (N, 12, 6, 6)
+        x = self.head(x)               # (N, 10, 6, 6)
+        x = self.gap(x)                # (N, 10, 1, 1)
+        return x.flatten(1)            # (N, 10) logits
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def layer_table(model, input_size=(1, 1, 28, 28)):
+    """Rows of (name, output shape, params) for each leaf module, like torchsummary."""
+    rows, hooks = [], []
+    for name, module in model.named_modules():
+        if len(list(module.children())) == 0:
+            def record(mod, inp, out, name=name):
+                rows.append((name, tuple(out.shape[1:]), sum(p.numel() for p in mod.parameters())))
+            hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(input_size))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+def receptive_field_table(model, size=28):
+    """Rows of (name, kernel, padding, stride, n_in, n_out, jump, rf) for each conv and pool.
+
+    rf_out = rf_in + (kernel - 1) * jump_in;  jump_out = jump_in * stride.
+    The global average pool's row uses the whole map as its kernel.
+    """
+    rows, rf, jump, n = [], 1, 1, size
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            k, p, s = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.padding, m.stride))
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            k, p, s = n, 0, 1
+        else:
+            continue
+        n_out = (n + 2 * p - k) // s + 1
+        rf, jump_in = rf + (k - 1) * jump, jump
+        jump *= s
+        rows.append((name, k, p, s, n, n_out, jump_in, rf))
+        n = n_out
+    return rows
+
+
+def main():
+    model = Net()
+    print(f"{'layer':<16}{'output shape':>18}{'params':>10}")
+    for name, shape, params in layer_table(model):
+        print(f"{name:<16}{str(list(shape)):>18}{params:>10,}")
+    print(f"{'total':<16}{'':>18}{count_params(model):>10,}\n")
+    print(f"{'layer':<10}{'k':>4}{'p':>4}{'s':>4}{'n_in':>6}{'n_out':>6}{'j_in':>6}{'RF':>5}")
+    for name, k, p, s, n_in, n_out, j, rf in receptive_field_table(model):
+        print(f"{name:<10}{k:>4}{p:>4}{s:>4}{n_in:>6}{n_out:>6}{j:>6}{rf:>5}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The gate must refuse what breaks a promise: tampered artifacts, a model that drops a required
+part, bad command-line input, missing or corrupt data. Each case runs the gate's own checks.
+
+Training-based cases (an interrupted run) are marked slow: `pytest -q -m slow`.
+"""
+import copy
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import train
+from model import Net, count_params
+from test_model import (METRICS, ROOT, WEIGHTS, check_architecture, check_metrics, check_score,
+                        load_weights, read_metrics)
+
+
+# --- model.py changes that break a promise ---------------------------------------------------
+
+def strip(model, kind):
+    for name, child in model.named_children():
+        if isinstance(child, kind):
+            setattr(model, name, nn.Identity())
+        else:
+            strip(child, kind)
+    return model
+
+
+class WithLinear(Net):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.fc(super().forward(x))
+
+
+class Wider(Net):
+    def __init__(self):
+        super().__init__()
+        self.conv5[0] = nn.Conv2d(12, 40, 3, padding=1, bias=False)
+        self.conv5[1] = nn.BatchNorm2d(40)
+        self.head = nn.Conv2d(40, 10, 3, padding=1, bias=False)
+
+
+class PoolToOneFirst(Net):
+    """Shrinks the map to 1x1 before the GAP, which then averages a single value."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.interpolate(x, size=20))
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda: strip(Net(), nn.modules.dropout._DropoutNd), "no Dropout"),
+    (lambda: Net(dropout=0.0), "no Dropout"),
+    (lambda: strip(Net(), nn.BatchNorm2d), "no BatchNorm"),
+    (lambda: strip(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
+    (WithLinear, "nn.Linear"),
+    (Wider, "parameters, the limit"),
+    (PoolToOneFirst, "larger than 1x1"),
+], ids=["dropout-removed", "dropout-zero", "batchnorm-removed", "gap-removed", "linear-head",
+        "too-many-params", "gap-on-1x1"])
+def test_gate_refuses_broken_model(broken, message):
+    with pytest.raises(AssertionError, match=message):
+        check_architecture(broken())
+
+
+# --- tampered artifacts -------------------------------------------------------------------------
+
+@pytest.fixture
+def claims():
+    return copy.deepcopy(read_metrics(METRICS))
+
+
+def test_gate_refuses_flipped_byte_in_weights(claims, tmp_path):
+    blob = bytearray(WEIGHTS.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    tampered = tmp_path / "model.pt"
+    tampered.write_bytes(blob)
+    with pytest.raises(AssertionError, match="sha256"):
+        load_weights(claims, tampered)
+
+
+def test_gate_refuses_claims_the_weights_do_not_deliver(claims, committed_accuracy):
+    claims["test_accuracy"] = claims["history"][-1]["test_accuracy"] = round(committed_accuracy + 0.3, 2)
+    with pytest.raises(AssertionError, match="claims"):
+        check_score(claims, committed_accuracy)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(epochs=20, history=m["history"] + m["history"][:5]), "the limit is 15"),
+    (lambda m: m["history"][-2].update(test_accuracy=99.0), "each must be"),
+    (lambda m: m.update(params=m["params"] - 1), "params"),
+    (lambda m: m.update(test_accuracy=99.99), "last epoch"),
+    (lambda m: m.update(eval_split="val"), "not from a test-set run"),
+], ids=["too-many-epochs", "dip-in-last-epochs", "params-mismatch", "accuracy-not-last-epoch",
+        "holdout-run"])
+def test_gate_refuses_tampered_metrics(claims, edit, message):
+    edit(claims)
+    with pytest.raises(AssertionError, match=message):
+        check_metrics(claims, count_params(Net()))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_weights_load_refuses_pickled_code(claims, tmp_path):
+    evil = tmp_path / "model.pt"
+    torch.save({"model": Payload()}, evil)
+    claims["checkpoint"]["sha256"] = __import__("hashlib").sha256(evil.read_bytes()).hexdigest()
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_weights(claims, evil)
+
+
+def test_weights_of_another_architecture_do_not_load(claims, tmp_path):
+    other = tmp_path / "model.pt"
+    torch.save({"model": Wider().state_dict()}, other)
+    claims["checkpoint"]["sha256"] = __import__("hashlib").sha256(other.read_bytes()).hexdigest()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_weights(claims, other)
+
+
+# --- bad input to train.py: a usage error, exit 2, no traceback --------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "must be > 0"),
+    (["--epochs", "two"], "is not a int"),
+    (["--batch-size", "-8"], "must be > 0"),
+    (["--lr", "0"], "must be > 0"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--device", "cuda"], "no CUDA GPU is available"),
+    (["--device", "mps"], "Apple MPS is not available"),
+    (["--holdout", "60000"], "--holdout must be in"),
+    (["--out", "no/such/dir"], "is not a writable directory"),
+    (["--out", __file__], "is not a writable directory"),
+])
+def test_train_rejects_bad_flags(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        train.parse_args(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_flag_from_the_shell_is_one_usage_error():
+    done = subprocess.run([sys.executable, "train.py", "--epochs", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == "train.py: error: argument --epochs: must be > 0, got 0"
+    assert "Traceback" not in done.stderr
+
+
+# --- missing or broken data: one line that names the fix, non-zero exit --------------------------
+
+def run_main_expecting_exit(argv):
+    with pytest.raises(SystemExit) as exit:
+        train.main(argv)
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_no_data_and_no_network_says_how_to_provide_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once: offline
+    message = run_main_expecting_exit(["--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    raw = str(tmp_path / "MNIST" / "raw")
+    for needed in [raw, "--data-dir", "MNIST_DATA_DIR", *data.ARCHIVES]:
+        assert needed in message
+
+
+def test_corrupt_archive_is_named(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    good = gzip.compress(b"not mnist")
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(good[: len(good) // 2])
+    message = run_main_expecting_exit(["--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    assert "t10k-labels-idx1-ubyte.gz is corrupt" in message
+
+
+def test_truncated_extracted_file_is_reported(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.ARCHIVES:
+        (raw / name.removesuffix(".gz")).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 12)
+    with pytest.raises(data.DataError, match="could not read the extracted MNIST files"):
+        data.load_mnist(str(tmp_path), train=False, device="cpu")
+
+
+# --- an interrupted run keeps the previous artifacts ------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_leaves_previous_artifacts_untouched(tmp_path, sig):
+    before = {name: f"previous {name}".encode() for name in ("model.pt", "metrics.json", "curves.png")}
+    for name, content in before.items():
+        (tmp_path / name).write_bytes(content)
+    proc = subprocess.Popen([sys.executable, "train.py", "--epochs", "3", "--out", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "epoch  1" in line:
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.strip().splitlines() == ["interrupted: nothing was written; earlier artifacts are untouched"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

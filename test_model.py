@@ -1,0 +1,133 @@
+"""The gate: `pytest -q`. A number in metrics.json is a claim; the committed weights, re-scored
+on the official 10,000-image test set, are the proof.
+
+    pytest -q            # the gate (about half a minute on 2 CPU cores)
+    pytest -q -m slow    # retrain from scratch with the committed defaults, hold it to the gate
+
+The check_* functions raise AssertionError with a message that says what to do; the tests apply
+them to the committed artifacts here and to tampered copies in test_failures.py.
+"""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from model import Net, count_params, receptive_field_table
+
+# The limits, in one place: a course changes them here.
+MAX_PARAMS = 6_000
+MIN_ACCURACY = 99.40    # percent, on the official test set
+LAST_EPOCHS = 3         # the bar holds in each of the final epochs, not just one lucky one
+MAX_EPOCHS = 15
+MIN_RECEPTIVE_FIELD = 28  # of the last conv before the global average pool: a whole digit
+
+ROOT = Path(__file__).parent
+METRICS, WEIGHTS = ROOT / "metrics.json", ROOT / "model.pt"
+RETRAIN = "run `python train.py` (about 4 minutes on a laptop CPU) and commit model.pt and metrics.json"
+
+
+def trace(model):
+    """Forward a batch; return [(module, input shape, output shape)] for every leaf module run."""
+    calls, hooks = [], []
+    for m in model.modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o: calls.append((m, tuple(i[0].shape), tuple(o.shape)))))
+    model.train()  # dropout acts only in training mode
+    with torch.no_grad():
+        out = model(torch.rand(4, 1, 28, 28))
+    for h in hooks:
+        h.remove()
+    return calls, out
+
+
+def check_architecture(model):
+    params = count_params(model)
+    assert params <= MAX_PARAMS, f"{params:,} parameters, the limit is {MAX_PARAMS:,}"
+    calls, out = trace(model)
+    ran = [type(m) for m, _, _ in calls]
+    assert any(issubclass(t, nn.modules.batchnorm._BatchNorm) for t in ran), "no BatchNorm in the forward pass"
+    assert any(issubclass(t, nn.modules.dropout._DropoutNd) and m.p > 0 for (m, _, _), t in zip(calls, ran)), \
+        "no Dropout with p > 0 in the forward pass"
+    assert not any(isinstance(m, nn.Linear) for m in model.modules()), "nn.Linear found: use a conv + GAP head"
+    gaps = [(i, o) for m, i, o in calls if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d))]
+    assert gaps, "no global average pooling in the forward pass"
+    gap_in, gap_out = gaps[-1]
+    assert gap_in[-2] * gap_in[-1] > 1 and gap_out[-2:] == (1, 1), \
+        f"the average pool maps {gap_in[-2:]} to {gap_out[-2:]}: it must pool a map larger than 1x1 to 1x1"
+    assert out.shape == (4, 10), f"output shape {tuple(out.shape)}, expected (N, 10) logits"
+    rf = [row[-1] for row in receptive_field_table(model) if row[0] and not row[0].startswith("gap")]
+    assert rf[-1] >= MIN_RECEPTIVE_FIELD, f"receptive field {rf[-1]} before the pool, need >= {MIN_RECEPTIVE_FIELD}"
+
+
+def check_metrics(metrics, params):
+    assert metrics.get("eval_split") == "test", f"metrics.json is not from a test-set run: {RETRAIN}"
+    history = metrics["history"]
+    assert metrics["epochs"] == len(history) <= MAX_EPOCHS, \
+        f"{metrics['epochs']} epochs claimed, {len(history)} recorded; the limit is {MAX_EPOCHS}"
+    assert metrics["params"] == params, f"metrics.json says {metrics['params']} params, the model has {params}: {RETRAIN}"
+    assert metrics["test_accuracy"] == history[-1]["test_accuracy"], "test_accuracy is not the last epoch's"
+    last = [h["test_accuracy"] for h in history[-LAST_EPOCHS:]]
+    assert len(last) == LAST_EPOCHS and min(last) >= MIN_ACCURACY, \
+        f"last {LAST_EPOCHS} epochs {last}: each must be >= {MIN_ACCURACY}"
+
+
+def load_weights(metrics, path):
+    """sha256 against metrics.json, then a safe load (tensors only) into a fresh Net."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    assert digest == metrics["checkpoint"]["sha256"], f"{path} does not match metrics.json's sha256: {RETRAIN}"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = Net()
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def score(model, test_set):
+    """Accuracy in percent with the plain torchvision pipeline, independent of train.py's."""
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in DataLoader(test_set, batch_size=1000))
+    return 100 * correct / len(test_set)
+
+
+def check_score(metrics, accuracy):
+    assert abs(accuracy - metrics["test_accuracy"]) <= 0.01, \
+        f"the weights score {accuracy:.2f}% but metrics.json claims {metrics['test_accuracy']:.2f}%"
+    assert accuracy >= MIN_ACCURACY, f"the weights score {accuracy:.2f}%, below {MIN_ACCURACY}%"
+
+
+def read_metrics(path):
+    if not Path(path).exists():
+        pytest.fail(f"{path} is missing: {RETRAIN}")
+    return json.loads(Path(path).read_text())
+
+
+def test_architecture():
+    check_architecture(Net())
+
+
+def test_params_within_limit():
+    assert count_params(Net()) <= MAX_PARAMS
+
+
+def test_metrics_meet_the_bar(metrics):
+    check_metrics(metrics, count_params(Net()))
+
+
+def test_committed_weights_score_what_metrics_claim(metrics, committed_accuracy):
+    check_score(metrics, committed_accuracy)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_reproduce_from_scratch(tmp_path, test_set):
+    """Retrain with the committed defaults and hold the fresh run to the same gate."""
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", str(tmp_path)], cwd=ROOT, check=True)
+    fresh = read_metrics(tmp_path / "metrics.json")
+    check_metrics(fresh, count_params(Net()))
+    check_score(fresh, score(load_weights(fresh, tmp_path / "model.pt"), test_set))

@@ -1,0 +1,267 @@
+"""Train the MNIST Net and write its artifacts.
+
+    python train.py                       # 15 epochs -> model.pt, metrics.json, curves.png
+    python train.py --seeds 1 2 3 4 5     # one run per seed -> seeds.json and a table
+    python train.py --holdout 10000       # evaluate on 10k held-out training images instead
+
+The whole dataset sits on the training device as one uint8 tensor; each step slices a shuffled
+batch, augments it there and trains on it. That is what a DataLoader does, minus the per-sample
+Python work and the host-to-device copies (see bench.py for the difference). The step loop never
+reads a value back to the host, so a GPU is never made to wait.
+"""
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist
+from model import Net, count_params
+
+# Defaults, each exposed as a flag below.
+EPOCHS = 15
+BATCH_SIZE = 128
+LR = 0.05            # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+AUGMENT = dict(degrees=10.0, translate=0.1, scale=0.1)  # random rotation (deg), shift and zoom (fractions)
+SEED = 1
+EVAL_BATCH_SIZE = 2000
+HOLDOUT_SPLIT_SEED = 0  # the held-out split is the same for every --seed
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def pick_amp_dtype(device, amp):
+    """bf16 autocast only where the hardware computes it natively; otherwise float32 (None)."""
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and amp == "on":
+        return torch.bfloat16
+    return None
+
+
+def to_float(images):
+    return images.float().div_(255)  # what ToTensor does
+
+
+def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, desc):
+    """One pass over the data in a fresh random order. Returns (mean loss, accuracy %)."""
+    model.train()
+    n = len(labels)
+    loss_sum = torch.zeros((), device=labels.device)
+    correct = torch.zeros((), device=labels.device, dtype=torch.long)
+    order = torch.randperm(n, device=labels.device)
+    for idx in tqdm(order.split(batch_size), desc=desc, leave=False, unit="batch", disable=None):
+        x, y = augment(to_float(images[idx]), **AUGMENT), labels[idx]
+        with torch.autocast(labels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / n, 100 * correct.item() / n
+
+
+@torch.no_grad()
+def evaluate(model, images, labels):
+    """Returns (mean loss, accuracy %) over the whole set, in float32."""
+    model.eval()
+    loss_sum = torch.zeros((), device=labels.device)
+    correct = torch.zeros((), device=labels.device, dtype=torch.long)
+    for x, y in zip(images.split(EVAL_BATCH_SIZE), labels.split(EVAL_BATCH_SIZE)):
+        logits = model(to_float(x))
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(labels), 100 * correct.item() / len(labels)
+
+
+def load_splits(data_dir, device, holdout):
+    """(train images, train labels, eval images, eval labels, eval split name)."""
+    images, labels = load_mnist(data_dir, train=True, device=device)
+    if not holdout:
+        return (images, labels, *load_mnist(data_dir, train=False, device=device), "test")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(HOLDOUT_SPLIT_SEED))
+    val, fit = order[:holdout].to(device), order[holdout:].to(device)
+    return images[fit], labels[fit], images[val], labels[val], "val"
+
+
+def run(args, device, data, model=None):
+    """Trains one model from scratch with args.seed. Returns (model, metrics dict)."""
+    torch.manual_seed(args.seed)
+    train_x, train_y, eval_x, eval_y, split = data
+    model = (model or Net()).to(device)
+    amp_dtype = pick_amp_dtype(device, args.amp)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, nesterov=True,
+                                weight_decay=WEIGHT_DECAY)
+    steps = -(-len(train_y) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
+                                                    steps_per_epoch=steps)
+    history = []
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train_x, train_y,
+                                                args.batch_size, amp_dtype,
+                                                desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
+        eval_loss, eval_acc = evaluate(model, eval_x, eval_y)
+        history.append({"epoch": epoch, "lr": round(lr, 6), "train_loss": round(train_loss, 4),
+                        "train_accuracy": round(train_acc, 2), f"{split}_loss": round(eval_loss, 4),
+                        f"{split}_accuracy": round(eval_acc, 2),
+                        "seconds": round(time.perf_counter() - start, 2)})
+        print(f"seed {args.seed} epoch {epoch:2d}  lr {lr:.4f}  train loss {train_loss:.4f} "
+              f"acc {train_acc:.2f}  {split} loss {eval_loss:.4f} acc {eval_acc:.2f}  "
+              f"{history[-1]['seconds']:.1f}s", flush=True)
+    metrics = {
+        "params": count_params(model), "epochs": args.epochs, "seed": args.seed,
+        "batch_size": args.batch_size, "lr": args.lr, "device": str(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "torch_version": torch.__version__, "eval_split": split,
+        "holdout": args.holdout, "history": history,
+        f"{split}_accuracy": history[-1][f"{split}_accuracy"],
+        "seconds": round(sum(h["seconds"] for h in history), 1),
+    }
+    return model, metrics
+
+
+def write_atomically(path, write):
+    """write(tmp_path) then rename over `path`: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def save_artifacts(out, model, metrics, config):
+    """Writes model.pt, metrics.json and curves.png as one consistent set, or not at all."""
+    from plots import save_curves  # matplotlib only when artifacts are written
+
+    weights = os.path.join(out, "model.pt")
+    staged = {weights: write_atomically(weights, lambda p: torch.save(
+        {"model": model.state_dict(), "config": config}, p))}
+    with open(staged[weights], "rb") as f:
+        metrics["checkpoint"] = {"file": "model.pt", "sha256": hashlib.sha256(f.read()).hexdigest()}
+    curves = os.path.join(out, "curves.png")
+    staged[curves] = write_atomically(curves, lambda p: save_curves(metrics["history"], p))
+    path = os.path.join(out, "metrics.json")
+    staged[path] = write_atomically(path, lambda p: open(p, "w").write(json.dumps(metrics, indent=2) + "\n"))
+    # The renames are the commit point: no signal may land between them.
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        for final, tmp in staged.items():
+            os.replace(tmp, final)
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train the MNIST Net.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=positive(int), default=EPOCHS, help="training epochs")
+    p.add_argument("--batch-size", type=positive(int), default=BATCH_SIZE, help="training batch size")
+    p.add_argument("--lr", type=positive(float), default=LR, help="peak one-cycle learning rate")
+    p.add_argument("--seed", type=int, default=SEED, help="random seed")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train once per seed, write seeds.json and print a table (no weights saved)")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="hold out N training images and evaluate on them instead of the test set")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto: CUDA, then Apple MPS, then CPU")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast: auto uses it on CUDA GPUs that support it natively")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
+    p.add_argument("--out", default=".", help="directory for model.pt, metrics.json, curves.png")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        p.error("--device mps: Apple MPS is not available")
+    if not 0 <= args.holdout < 60_000:
+        p.error(f"--holdout must be in [0, 60000), got {args.holdout}")
+    if not os.path.isdir(args.out) or not os.access(args.out, os.W_OK):
+        p.error(f"--out {args.out!r} is not a writable directory")
+    return args
+
+
+def print_seeds_table(rows):
+    print(f"\n{'seed':>5}{'final':>8}{'min last 3':>12}{'params':>8}{'seconds':>9}")
+    for r in rows:
+        print(f"{r['seed']:>5}{r['final']:>8.2f}{r['min_last_3']:>12.2f}{r['params']:>8}{r['seconds']:>9.1f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    device = pick_device(args.device)
+    try:
+        data = load_splits(args.data_dir, device, args.holdout)
+        if args.seeds:
+            rows = []
+            for seed in args.seeds:
+                args.seed = seed
+                model, metrics = run(args, device, data)
+                accs = [h[f"{metrics['eval_split']}_accuracy"] for h in metrics["history"]]
+                rows.append({"seed": seed, "final": accs[-1], "min_last_3": min(accs[-3:]),
+                             "params": metrics["params"], "seconds": metrics["seconds"],
+                             "history": metrics["history"]})
+            summary = {k: v for k, v in metrics.items() if k not in ("seed", "history", "seconds")}
+            summary["seeds"] = rows
+            path = os.path.join(args.out, "seeds.json")
+            os.replace(write_atomically(path, lambda p: open(p, "w").write(json.dumps(summary, indent=2) + "\n")), path)
+            print_seeds_table(rows)
+            print(f"wrote {path}")
+            return
+        model, metrics = run(args, device, data)
+        config = {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir")}
+        save_artifacts(args.out, model, metrics, config)
+        print(f"{metrics['eval_split']} accuracy {metrics[metrics['eval_split'] + '_accuracy']:.2f}%  "
+              f"params {metrics['params']}  wrote model.pt, metrics.json, curves.png to {args.out}")
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: nothing was written; earlier artifacts are untouched")
+
+
+if __name__ == "__main__":
+    main()
