@@ -27,24 +27,20 @@ class Net(nn.Module):
         self.register_buffer("mean", torch.tensor(MNIST_MEAN))
         self.register_buffer("std", torch.tensor(MNIST_STD))
         self.conv1 = conv_block(1, 8, padding=0, dropout=dropout)
-        self.conv2 = conv_block(8, 10, padding=0, dropout=dropout)
-        self.pool1 = nn.MaxPool2d(2)
-        self.conv3 = conv_block(10, 12, padding=1, dropout=dropout)
-        self.conv4 = conv_block(12, 12, padding=1, dropout=dropout)
-        self.pool2 = nn.MaxPool2d(2)
-        self.conv5 = conv_block(12, 12, padding=1, dropout=dropout)
-        self.head = nn.Conv2d(12, 10, 3, padding=1, bias=False)  # one map per class
+        self.conv2 = conv_block(8, 8, padding=0, dropout=dropout)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = conv_block(8, 16, padding=0, dropout=dropout)
+        self.conv4 = conv_block(16, 16, padding=0, dropout=dropout)
+        self.head = nn.Conv2d(16, 10, 3, bias=False)  # one 6x6 map per class
         self.gap = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):              # (N, 1, 28, 28)
         x = (x - self.mean) / self.std
         x = self.conv1(x)              # (N, 8, 26, 26)
-        x = self.conv2(x)              # (N, 10, 24, 24)
-        x = self.pool1(x)              # (N, 10, 12, 12)
-        x = self.conv3(x)              # (N, 12, 12, 12)
-        x = self.conv4(x)              # (N, 12, 12, 12)
-        x = self.pool2(x)              # (N, 12, 6, 6)
-        x = self.conv5(x)              # (N, 12, 6, 6)
+        x = self.conv2(x)              # (N, 8, 24, 24)
+        x = self.pool(x)               # (N, 8, 12, 12)
+        x = self.conv3(x)              # (N, 16, 10, 10)
+        x = self.conv4(x)              # (N, 16, 8, 8)
         x = self.head(x)               # (N, 10, 6, 6)
         x = self.gap(x)                # (N, 10, 1, 1)
         return x.flatten(1)            # (N, 10) logits

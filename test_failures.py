@@ -19,18 +19,19 @@ import torch.nn as nn
 import data
 import train
 from model import Net, count_params
-from test_model import (METRICS, ROOT, WEIGHTS, check_architecture, check_metrics, check_score,
+from test_model import (MAX_EPOCHS, MAX_PARAMS, METRICS, ROOT, WEIGHTS, check_architecture, check_metrics, check_score,
                         load_weights, read_metrics)
 
 
 # --- model.py changes that break a promise ---------------------------------------------------
 
-def strip(model, kind):
+def replace(model, kind, make=nn.Identity):
+    """Swaps every submodule of type `kind` for make(old)."""
     for name, child in model.named_children():
         if isinstance(child, kind):
-            setattr(model, name, nn.Identity())
+            setattr(model, name, make() if make is nn.Identity else make(child))
         else:
-            strip(child, kind)
+            replace(child, kind, make)
     return model
 
 
@@ -43,29 +44,26 @@ class WithLinear(Net):
         return self.fc(super().forward(x))
 
 
-class Wider(Net):
+class Bloated(Net):
     def __init__(self):
         super().__init__()
-        self.conv5[0] = nn.Conv2d(12, 40, 3, padding=1, bias=False)
-        self.conv5[1] = nn.BatchNorm2d(40)
-        self.head = nn.Conv2d(40, 10, 3, padding=1, bias=False)
+        self.spare = nn.Parameter(torch.zeros(MAX_PARAMS))
 
 
-class PoolToOneFirst(Net):
-    """Shrinks the map to 1x1 before the GAP, which then averages a single value."""
-
-    def forward(self, x):
-        return super().forward(nn.functional.interpolate(x, size=20))
+def pool_to_one_first(model):
+    """Max-pools to 1x1 before the average pool, which then averages a single value."""
+    return replace(model, nn.AdaptiveAvgPool2d,
+                   lambda gap: nn.Sequential(nn.AdaptiveMaxPool2d(1), gap))
 
 
 @pytest.mark.parametrize("broken, message", [
-    (lambda: strip(Net(), nn.modules.dropout._DropoutNd), "no Dropout"),
+    (lambda: replace(Net(), nn.modules.dropout._DropoutNd), "no Dropout"),
     (lambda: Net(dropout=0.0), "no Dropout"),
-    (lambda: strip(Net(), nn.BatchNorm2d), "no BatchNorm"),
-    (lambda: strip(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
+    (lambda: replace(Net(), nn.BatchNorm2d), "no BatchNorm"),
+    (lambda: replace(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
     (WithLinear, "nn.Linear"),
-    (Wider, "parameters, the limit"),
-    (PoolToOneFirst, "larger than 1x1"),
+    (Bloated, "parameters, the limit"),
+    (lambda: pool_to_one_first(Net()), "larger than 1x1"),
 ], ids=["dropout-removed", "dropout-zero", "batchnorm-removed", "gap-removed", "linear-head",
         "too-many-params", "gap-on-1x1"])
 def test_gate_refuses_broken_model(broken, message):
@@ -96,7 +94,7 @@ def test_gate_refuses_claims_the_weights_do_not_deliver(claims, committed_accura
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(epochs=20, history=m["history"] + m["history"][:5]), "the limit is 15"),
+    (lambda m: m.update(epochs=20, history=m["history"] + m["history"][:5]), f"the limit is {MAX_EPOCHS}"),
     (lambda m: m["history"][-2].update(test_accuracy=99.0), "each must be"),
     (lambda m: m.update(params=m["params"] - 1), "params"),
     (lambda m: m.update(test_accuracy=99.99), "last epoch"),
@@ -123,8 +121,11 @@ def test_weights_load_refuses_pickled_code(claims, tmp_path):
 
 
 def test_weights_of_another_architecture_do_not_load(claims, tmp_path):
+    state = Net().state_dict()
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])  # one more channel
     other = tmp_path / "model.pt"
-    torch.save({"model": Wider().state_dict()}, other)
+    torch.save({"model": state}, other)
     claims["checkpoint"]["sha256"] = __import__("hashlib").sha256(other.read_bytes()).hexdigest()
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(claims, other)
