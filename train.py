@@ -27,11 +27,12 @@ from model import Net, count_params
 
 # Defaults, each exposed as a flag below.
 EPOCHS = 15
-BATCH_SIZE = 256
+BATCH_SIZE = 128
 LR = 0.1             # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 AUGMENT = dict(degrees=7.0, translate=0.05, scale=0.05)  # random rotation (deg), shift and zoom (fractions)
+DROPOUT = 0.05
 SEED = 1
 EVAL_BATCH_SIZE = 2000
 HOLDOUT_SPLIT_SEED = 0  # the held-out split is the same for every --seed
@@ -62,7 +63,7 @@ def to_float(images):
     return images.float().div_(255)  # what ToTensor does
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, desc):
+def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, augmented, desc):
     """One pass over the data in a fresh random order. Returns (mean loss, accuracy %)."""
     model.train()
     n = len(labels)
@@ -70,7 +71,9 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp
     correct = torch.zeros((), device=labels.device, dtype=torch.long)
     order = torch.randperm(n, device=labels.device)
     for idx in tqdm(order.split(batch_size), desc=desc, leave=False, unit="batch", disable=None):
-        x, y = augment(to_float(images[idx]), **AUGMENT), labels[idx]
+        x, y = to_float(images[idx]), labels[idx]
+        if augmented:
+            x = augment(x, **AUGMENT)
         with torch.autocast(labels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -110,19 +113,23 @@ def run(args, device, data, model=None):
     """Trains one model from scratch with args.seed. Returns (model, metrics dict)."""
     torch.manual_seed(args.seed)
     train_x, train_y, eval_x, eval_y, split = data
-    model = (model or Net()).to(device)
+    model = (model or Net(dropout=args.dropout)).to(device)
     amp_dtype = pick_amp_dtype(device, args.amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
     steps = -(-len(train_y) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
-                                                    steps_per_epoch=steps)
+    if args.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
+                                                        steps_per_epoch=steps)
+    else:  # classic step decay: x0.1 at half and at three quarters of the run
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[steps * args.epochs // 2, steps * args.epochs * 3 // 4], gamma=0.1)
     history = []
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train_x, train_y,
-                                                args.batch_size, amp_dtype,
+                                                args.batch_size, amp_dtype, args.augment,
                                                 desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
         eval_loss, eval_acc = evaluate(model, eval_x, eval_y)
         history.append({"epoch": epoch, "lr": round(lr, 6), "train_loss": round(train_loss, 4),
@@ -134,7 +141,8 @@ def run(args, device, data, model=None):
               f"{history[-1]['seconds']:.1f}s", flush=True)
     metrics = {
         "params": count_params(model), "epochs": args.epochs, "seed": args.seed,
-        "batch_size": args.batch_size, "lr": args.lr, "device": str(device),
+        "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
+        "dropout": args.dropout, "augment": AUGMENT if args.augment else None, "device": str(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         "torch_version": torch.__version__, "eval_split": split,
         "holdout": args.holdout, "history": history,
@@ -149,6 +157,9 @@ def write_atomically(path, write):
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
                                suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
     try:
         write(tmp)
     except BaseException:
@@ -199,12 +210,27 @@ def positive(kind):
     return parse
 
 
+def probability(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the MNIST Net.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=positive(int), default=EPOCHS, help="training epochs")
     p.add_argument("--batch-size", type=positive(int), default=BATCH_SIZE, help="training batch size")
     p.add_argument("--lr", type=positive(float), default=LR, help="peak one-cycle learning rate")
+    p.add_argument("--schedule", choices=["onecycle", "step"], default="onecycle",
+                   help="learning-rate schedule: one-cycle, or x0.1 steps at 50%% and 75%% of the run")
+    p.add_argument("--dropout", type=probability, default=DROPOUT, help="dropout rate in Net")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"random rotation, shift and zoom of each training batch: {AUGMENT}")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="train once per seed, write seeds.json and print a table (no weights saved)")
