@@ -50,6 +50,13 @@ class Bloated(Net):
         self.spare = nn.Parameter(torch.zeros(MAX_PARAMS))
 
 
+class CentreOnly(Net):
+    """Blanks a 2-pixel border before the convs: the layer table still reads RF 28."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x[:, :, 2:-2, 2:-2], (2, 2, 2, 2)))
+
+
 def pool_to_one_first(model):
     """Max-pools to 1x1 before the average pool, which then averages a single value."""
     return replace(model, nn.AdaptiveAvgPool2d,
@@ -64,8 +71,9 @@ def pool_to_one_first(model):
     (WithLinear, "nn.Linear"),
     (Bloated, "parameters, the limit"),
     (lambda: pool_to_one_first(Net()), "larger than 1x1"),
+    (CentreOnly, "ignore 208 of the 784 input pixels"),
 ], ids=["dropout-removed", "dropout-zero", "batchnorm-removed", "gap-removed", "linear-head",
-        "too-many-params", "gap-on-1x1"])
+        "too-many-params", "gap-on-1x1", "blind-border"])
 def test_gate_refuses_broken_model(broken, message):
     with pytest.raises(AssertionError, match=message):
         check_architecture(broken())

@@ -47,6 +47,14 @@ def trace(model):
     return calls, out
 
 
+def blind_pixels(model):
+    """Input pixels that no logit depends on, measured by gradients rather than read off the layers."""
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    model.eval()
+    model(x).abs().sum().backward()
+    return int((x.grad.abs().sum(0) == 0).sum())
+
+
 def check_architecture(model):
     params = count_params(model)
     assert params <= MAX_PARAMS, f"{params:,} parameters, the limit is {MAX_PARAMS:,}"
@@ -64,6 +72,8 @@ def check_architecture(model):
     assert out.shape == (4, 10), f"output shape {tuple(out.shape)}, expected (N, 10) logits"
     rf = receptive_field_table(model)[-1][-1]
     assert rf >= MIN_RECEPTIVE_FIELD, f"receptive field {rf} at the output, need >= {MIN_RECEPTIVE_FIELD}"
+    blind = blind_pixels(model)
+    assert blind == 0, f"receptive field: the logits ignore {blind} of the 784 input pixels"
 
 
 def check_metrics(metrics, params):
