@@ -56,14 +56,14 @@ def blind_pixels(model):
 
 
 def check_architecture(model):
+    assert not any(isinstance(m, nn.Linear) for m in model.modules()), "nn.Linear found: use a conv + GAP head"
     params = count_params(model)
     assert params <= MAX_PARAMS, f"{params:,} parameters, the limit is {MAX_PARAMS:,}"
     calls, out = trace(model)
-    ran = [type(m) for m, _, _ in calls]
-    assert any(issubclass(t, nn.modules.batchnorm._BatchNorm) for t in ran), "no BatchNorm in the forward pass"
-    assert any(issubclass(t, nn.modules.dropout._DropoutNd) and m.p > 0 for (m, _, _), t in zip(calls, ran)), \
+    ran = [m for m, _, _ in calls]
+    assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ran), "no BatchNorm in the forward pass"
+    assert any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in ran), \
         "no Dropout with p > 0 in the forward pass"
-    assert not any(isinstance(m, nn.Linear) for m in model.modules()), "nn.Linear found: use a conv + GAP head"
     gaps = [(i, o) for m, i, o in calls if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d))]
     assert gaps, "no global average pooling in the forward pass"
     gap_in, gap_out = gaps[-1]
