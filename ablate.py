@@ -8,7 +8,6 @@ test set plays no part in these choices. Two runs go at a time, one CPU thread e
 net that gets more done per second than one run on two threads.
 """
 import argparse
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -51,7 +50,7 @@ def run_row(name, seed, data_dir):
                                      "--data-dir", data_dir])
     device = torch.device("cpu")
     data = train.load_splits(args.data_dir, device, args.holdout)
-    _, metrics = train.run(args, device, data, model=build(args) if build else None)
+    _, metrics = train.run(args, device, data, build)
     accuracies = [h["val_accuracy"] for h in metrics["history"]]
     return {"row": name, "seed": seed, "flags": flags, "final": accuracies[-1],
             "min_last_3": min(accuracies[-3:]), "seconds": metrics["seconds"]}
@@ -72,14 +71,14 @@ def main():
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(run_row, *zip(*jobs), [args.data_dir] * len(jobs)))
     path = os.path.join(args.out, "ablation.json")
-    os.replace(train.write_atomically(path, lambda p: train.write_json({"holdout": HOLDOUT, "runs": results}, p)), path)
+    train.save_json({"holdout": HOLDOUT, "runs": results}, path)
 
-    print(f"\n| change from the defaults | held-out accuracy, final | min of last 3 | s/run |")
+    print("\n| change from the defaults | held-out accuracy, final | min of last 3 | s/run |")
     print("|---|---:|---:|---:|")
     for row in args.rows:
-        rs = [r for r in results if r["row"] == row]
-        mean = lambda key: sum(r[key] for r in rs) / len(rs)
-        print(f"| {ROWS[row][0]} | {mean('final'):.2f} | {mean('min_last_3'):.2f} | {mean('seconds'):.0f} |")
+        runs = [r for r in results if r["row"] == row]
+        final, low, seconds = (sum(r[key] for r in runs) / len(runs) for key in ("final", "min_last_3", "seconds"))
+        print(f"| {ROWS[row][0]} | {final:.2f} | {low:.2f} | {seconds:.0f} |")
     print(f"\nwrote {path} ({len(args.seeds)} seed(s) per row, {HOLDOUT:,} held-out images)")
 
 

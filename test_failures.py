@@ -5,9 +5,7 @@ Training-based cases (an interrupted run) are marked slow: `pytest -q -m slow`.
 """
 import copy
 import gzip
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -225,4 +223,22 @@ def test_interrupted_run_leaves_previous_artifacts_untouched(tmp_path, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.strip().splitlines() == ["interrupted: nothing was written; earlier artifacts are untouched"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_interrupt_while_saving_keeps_the_previous_set(tmp_path, monkeypatch):
+    """Ctrl-C after model.pt is staged but before the set is renamed into place."""
+    import plots
+
+    before = {name: f"previous {name}".encode() for name in ("model.pt", "metrics.json", "curves.png")}
+    for name, content in before.items():
+        (tmp_path / name).write_bytes(content)
+
+    def interrupted(history, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "save_curves", interrupted)
+    history = [{"epoch": 1, "test_accuracy": 99.0}]
+    with pytest.raises(KeyboardInterrupt):
+        train.save_artifacts(str(tmp_path), Net(), {"history": history}, config={})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -109,11 +109,13 @@ def load_splits(data_dir, device, holdout):
     return images[fit], labels[fit], images[val], labels[val], "val"
 
 
-def run(args, device, data, model=None):
-    """Trains one model from scratch with args.seed. Returns (model, metrics dict)."""
-    torch.manual_seed(args.seed)
+def run(args, device, data, build=None):
+    """Trains one model from scratch with args.seed; build(args) makes it (default: Net).
+
+    Returns (model, metrics dict)."""
+    torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
     train_x, train_y, eval_x, eval_y, split = data
-    model = (model or Net(dropout=args.dropout)).to(device)
+    model = (build(args) if build else Net(dropout=args.dropout)).to(device)
     amp_dtype = pick_amp_dtype(device, args.amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
@@ -152,8 +154,10 @@ def run(args, device, data, model=None):
     return model, metrics
 
 
-def write_atomically(path, write):
-    """write(tmp_path) then rename over `path`: readers never see a half-written file."""
+def stage(path, write):
+    """Calls write(tmp) on a temp file beside `path` and returns tmp.
+
+    os.replace(tmp, path) then swaps it in at once: readers never see a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
                                suffix=".tmp")
     os.close(fd)
@@ -173,29 +177,38 @@ def write_json(obj, path):
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+def save_json(obj, path):
+    """Replaces `path` with obj as JSON, atomically."""
+    os.replace(stage(path, lambda p: write_json(obj, p)), path)
+
+
 def save_artifacts(out, model, metrics, config):
     """Writes model.pt, metrics.json and curves.png as one consistent set, or not at all."""
     from plots import save_curves  # matplotlib only when artifacts are written
 
-    weights = os.path.join(out, "model.pt")
-    staged = {weights: write_atomically(weights, lambda p: torch.save(
-        {"model": model.state_dict(), "config": config}, p))}
-    with open(staged[weights], "rb") as f:
-        metrics["checkpoint"] = {"file": "model.pt", "sha256": hashlib.sha256(f.read()).hexdigest()}
-    curves = os.path.join(out, "curves.png")
-    staged[curves] = write_atomically(curves, lambda p: save_curves(metrics["history"], p))
-    path = os.path.join(out, "metrics.json")
-    staged[path] = write_atomically(path, lambda p: write_json(metrics, p))
-    # The renames are the commit point: no signal may land between them.
-    blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    paths = {name: os.path.join(out, name) for name in ("model.pt", "curves.png", "metrics.json")}
+    staged = {}
     try:
-        for final, tmp in staged.items():
-            os.replace(tmp, final)
-    finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        staged["model.pt"] = stage(paths["model.pt"], lambda p: torch.save(
+            {"model": model.state_dict(), "config": config}, p))
+        with open(staged["model.pt"], "rb") as f:
+            metrics["checkpoint"] = {"file": "model.pt", "sha256": hashlib.sha256(f.read()).hexdigest()}
+        staged["curves.png"] = stage(paths["curves.png"], lambda p: save_curves(metrics["history"], p))
+        staged["metrics.json"] = stage(paths["metrics.json"], lambda p: write_json(metrics, p))
+        # The renames are the commit point: no signal may land between them.
+        blockable = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere the window is microseconds
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for name, tmp in staged.items():
+                os.replace(tmp, paths[name])
+        finally:
+            if blockable:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    finally:  # interrupted before the renames: drop the staged files, keep the old set
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def positive(kind):
@@ -270,7 +283,7 @@ def run_seeds(args, device, data):
                                        "torch_version", "eval_split", "holdout")}
     summary["seeds"] = rows
     path = os.path.join(args.out, "seeds.json")
-    os.replace(write_atomically(path, lambda p: write_json(summary, p)), path)
+    save_json(summary, path)
     print(f"\n{split} accuracy per seed ({metrics['params']} params, {args.epochs} epochs)")
     print(f"{'seed':>5}{'final':>8}{'min last 3':>12}{'seconds':>9}")
     for r in rows:
