@@ -238,7 +238,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--epochs", type=positive(int), default=EPOCHS, help="training epochs")
     p.add_argument("--batch-size", type=positive(int), default=BATCH_SIZE, help="training batch size")
-    p.add_argument("--lr", type=positive(float), default=LR, help="peak learning rate (one-cycle), or the starting one (step)")
+    p.add_argument("--lr", type=positive(float), default=LR,
+                   help="peak learning rate (one-cycle), or the starting one (step)")
     p.add_argument("--schedule", choices=["onecycle", "step"], default="onecycle",
                    help="learning-rate schedule: one-cycle, or x0.1 steps at 50%% and 75%% of the run")
     p.add_argument("--dropout", type=probability, default=DROPOUT, help="dropout rate in Net")
