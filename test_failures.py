@@ -5,6 +5,7 @@ Training-based cases (an interrupted run) are marked slow: `pytest -q -m slow`.
 """
 import copy
 import gzip
+import hashlib
 import os
 import signal
 import subprocess
@@ -113,6 +114,12 @@ def test_gate_refuses_tampered_metrics(claims, edit, message):
         check_metrics(claims, count_params(Net()))
 
 
+def save_as_claimed(obj, path, claims):
+    """torch.save(obj) and make `claims` name its sha256, so only the later checks can refuse it."""
+    torch.save(obj, path)
+    claims["checkpoint"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -120,8 +127,7 @@ class Payload:
 
 def test_weights_load_refuses_pickled_code(claims, tmp_path):
     evil = tmp_path / "model.pt"
-    torch.save({"model": Payload()}, evil)
-    claims["checkpoint"]["sha256"] = __import__("hashlib").sha256(evil.read_bytes()).hexdigest()
+    save_as_claimed({"model": Payload()}, evil, claims)
     with pytest.raises(Exception, match="Weights only load failed"):
         load_weights(claims, evil)
 
@@ -131,8 +137,7 @@ def test_weights_of_another_architecture_do_not_load(claims, tmp_path):
     key = next(k for k in state if k.endswith("weight"))
     state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])  # one more channel
     other = tmp_path / "model.pt"
-    torch.save({"model": state}, other)
-    claims["checkpoint"]["sha256"] = __import__("hashlib").sha256(other.read_bytes()).hexdigest()
+    save_as_claimed({"model": state}, other, claims)
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(claims, other)
 
