@@ -51,9 +51,8 @@ def run_row(name, seed, data_dir):
     device = torch.device("cpu")
     data = train.load_splits(args.data_dir, device, args.holdout)
     _, metrics = train.run(args, device, data, build)
-    accuracies = [h["val_accuracy"] for h in metrics["history"]]
-    return {"row": name, "seed": seed, "flags": flags, "final": accuracies[-1],
-            "min_last_3": min(accuracies[-3:]), "seconds": metrics["seconds"]}
+    return {"row": name, "seed": seed, "flags": flags, **train.last_epochs(metrics),
+            "seconds": metrics["seconds"]}
 
 
 def main():

@@ -59,10 +59,11 @@ def load_mnist(root, train, device):
     return dataset.data.unsqueeze(1).to(device), dataset.targets.to(device)
 
 
-def augment(x, degrees=10.0, translate=0.1, scale=0.1):
+def augment(x, degrees, translate, scale):
     """Random rotation, shift and zoom for a whole batch at once, one draw per image.
 
     x: float (N, 1, 28, 28) in [0, 1]; the background is 0, so zero padding is correct.
+    Ranges: rotation within +-degrees, shift within +-translate of the width, zoom 1 +- scale.
     """
     n = x.shape[0]
     angle = (torch.rand(n, device=x.device) * 2 - 1) * math.radians(degrees)

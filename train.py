@@ -154,6 +154,12 @@ def run(args, device, data, build=None):
     return model, metrics
 
 
+def last_epochs(metrics):
+    """The final evaluation accuracy and the lowest of the last three epochs."""
+    accuracies = [h[f"{metrics['eval_split']}_accuracy"] for h in metrics["history"]]
+    return {"final": accuracies[-1], "min_last_3": min(accuracies[-3:])}
+
+
 def stage(path, write):
     """Calls write(tmp) on a temp file beside `path` and returns tmp.
 
@@ -211,26 +217,24 @@ def save_artifacts(out, model, metrics, config):
                 os.remove(tmp)
 
 
-def positive(kind):
+def number(kind, accept, rule):
+    """An argparse type: `kind` parsed from text, then held to `rule` (e.g. "> 0")."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
     return parse
 
 
-def probability(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a float") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+def positive(kind):
+    return number(kind, lambda v: v > 0, "> 0")
+
+
+probability = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def parse_args(argv=None):
@@ -276,10 +280,8 @@ def run_seeds(args, device, data):
         args.seed = seed
         _, metrics = run(args, device, data)
         split = metrics["eval_split"]
-        accuracies = [h[f"{split}_accuracy"] for h in metrics["history"]]
-        rows.append({"seed": seed, "final": accuracies[-1], "min_last_3": min(accuracies[-3:]),
-                     "params": metrics["params"], "seconds": metrics["seconds"],
-                     "history": metrics["history"]})
+        rows.append({"seed": seed, **last_epochs(metrics), "params": metrics["params"],
+                     "seconds": metrics["seconds"], "history": metrics["history"]})
     summary = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "device", "amp",
                                        "torch_version", "eval_split", "holdout")}
     summary["seeds"] = rows
