@@ -61,9 +61,9 @@ def main():
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
                    help=f"rows to run: {', '.join(ROWS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds per row")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--jobs", type=train.positive(int), default=2, help="runs at a time")
     p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
-    p.add_argument("--out", default=".", help="directory for ablation.json")
+    p.add_argument("--out", type=train.writable_dir, default=".", help="directory for ablation.json")
     args = p.parse_args()
 
     jobs = [(row, seed) for row in args.rows for seed in args.seeds]

@@ -25,7 +25,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 import train
-from data import DEFAULT_DATA_DIR
+from data import DEFAULT_DATA_DIR, DataError, load_mnist
 from model import Net
 
 
@@ -71,20 +71,25 @@ def timed(cmd):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the table shows medians")
-    p.add_argument("--batch-size", type=int, default=train.BATCH_SIZE, help="same for both sides")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--rounds", type=train.positive(int), default=2, help="alternating rounds; the table shows medians")
+    p.add_argument("--batch-size", type=train.positive(int), default=train.BATCH_SIZE, help="same for both sides")
+    p.add_argument("--workers", type=train.number(int, lambda v: v >= 0, ">= 0"), default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # one baseline epoch
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.baseline:
         return dataloader_epoch(args)
+    try:
+        load_mnist(args.data_dir, train=False, device="cpu")  # one clear line if the data is missing
+    except DataError as e:
+        sys.exit(f"error: {e}")
 
     sides = {"train.py (data on device)": [], f"DataLoader ({args.workers} workers)": []}
     with tempfile.TemporaryDirectory() as out:
         commands = [
-            [sys.executable, "train.py", "--epochs", "1", "--device", "cpu", "--out", out,
+            [sys.executable, train.__file__, "--epochs", "1", "--device", "cpu", "--out", out,
              "--batch-size", str(args.batch_size), "--data-dir", args.data_dir],
             [sys.executable, __file__, "--baseline", "--out", out, "--batch-size", str(args.batch_size),
              "--workers", str(args.workers), "--data-dir", args.data_dir],

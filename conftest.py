@@ -26,12 +26,13 @@ def test_set():
 
 
 @pytest.fixture(scope="session")
-def committed_model(metrics):
+def committed_models(metrics):
+    """{epoch: model} for the last epochs whose weights model.pt keeps."""
     if not WEIGHTS.exists():
         pytest.fail(f"{WEIGHTS.name} is missing: {RETRAIN}")
     return load_weights(metrics, WEIGHTS)
 
 
 @pytest.fixture(scope="session")
-def committed_accuracy(committed_model, test_set):
-    return score(committed_model, test_set)
+def committed_scores(committed_models, test_set):
+    return {epoch: score(model, test_set) for epoch, model in committed_models.items()}

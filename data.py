@@ -22,20 +22,21 @@ class DataError(Exception):
     """A one-line, user-facing reason the data could not be loaded."""
 
 
-def _check_archives(raw_dir):
+def _corrupt_archive(raw_dir):
+    """The first archive in raw_dir whose md5 is wrong, or None."""
     for name, md5 in MNIST.resources:
         path = os.path.join(raw_dir, name)
         if os.path.exists(path) and not check_integrity(path, md5):
-            raise DataError(f"{path} is corrupt or truncated (md5 mismatch): delete it and run again "
-                            "to re-download, or copy a good one there")
+            return path
+    return None
 
 
 def load_mnist(root, train, device):
     """Returns (images, labels): uint8 (N, 1, 28, 28) and int64 (N,), on `device`.
 
-    Downloads the archives into root/MNIST/raw/ when they are not there yet."""
+    Downloads the archives into root/MNIST/raw/ when they are not there yet; torchvision checks
+    their md5 and fetches a truncated one again."""
     raw_dir = os.path.join(root, "MNIST", "raw")
-    _check_archives(raw_dir)
     extracted = all(os.path.exists(os.path.join(raw_dir, name.removesuffix(".gz"))) for name in ARCHIVES)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -45,6 +46,10 @@ def load_mnist(root, train, device):
         if extracted:
             raise DataError(f"could not read the extracted MNIST files in {raw_dir} ({type(e).__name__}): "
                             "delete them (keep the .gz archives) and run again") from None
+        corrupt = _corrupt_archive(raw_dir)
+        if corrupt:
+            raise DataError(f"{corrupt} is corrupt or truncated (md5 mismatch) and could not be downloaded "
+                            f"again ({type(e).__name__}): copy a good one there") from None
         raise DataError(
             f"MNIST not found in {os.path.abspath(raw_dir)} and could not be downloaded "
             f"({type(e).__name__}). Put {', '.join(ARCHIVES)} there, or point --data-dir / "

@@ -51,47 +51,60 @@ class Net(nn.Module):
 
 
 def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Every parameter, trainable or frozen: a frozen layer still has to fit in the budget."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def leaf_calls(model, x):
+    """Runs model(x); returns ([(name, module, input shape, output)] per leaf module, in the order
+    forward called them, and the model's output)."""
+    names = {m: name for name, m in model.named_modules()}
+    calls, hooks = [], []
+    for m in model.modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o: calls.append((names[m], m, tuple(i[0].shape), o))))
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls, out
 
 
 def layer_table(model, input_size=(1, 1, 28, 28)):
-    """Rows of (name, type, output shape, params) for each leaf module, like torchsummary."""
-    rows, hooks = [], []
-    for name, module in model.named_modules():
-        if len(list(module.children())) == 0:
-            def record(mod, inp, out, name=name):
-                rows.append((name, type(mod).__name__, tuple(out.shape[1:]),
-                             sum(p.numel() for p in mod.parameters())))
-            hooks.append(module.register_forward_hook(record))
+    """Rows of (name, type, output shape, params) for each leaf module run, like torchsummary."""
     was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(input_size))
+    calls, _ = leaf_calls(model.eval(), torch.zeros(input_size))
     model.train(was_training)
-    for h in hooks:
-        h.remove()
-    return rows
+    return [(name, type(m).__name__, tuple(o.shape[1:]), sum(p.numel() for p in m.parameters()))
+            for name, m, _, o in calls]
 
 
 def receptive_field_table(model, size=28):
-    """Rows of (name, kernel, padding, stride, n_in, n_out, jump, rf) for each conv and pool.
+    """Rows of (name, kernel, padding, stride, n_in, n_out, jump, rf) for each conv and pool, in the
+    order forward runs them.
 
     rf_out = rf_in + (kernel - 1) * jump_in;  jump_out = jump_in * stride.
-    The global average pool's row uses the whole map as its kernel.
+    A dilated kernel counts its span; the global average pool's row uses the whole map as its kernel.
     """
-    rows, rf, jump, n = [], 1, 1, size
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+    was_training = model.training
+    calls, _ = leaf_calls(model.eval(), torch.zeros(1, 1, size, size))
+    model.train(was_training)
+    rows, rf, jump = [], 1, 1
+    for name, m, in_shape, out in calls:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             k, p, s = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.padding, m.stride))
-        elif isinstance(m, nn.AdaptiveAvgPool2d):
-            k, p, s = n, 0, 1
+            d = getattr(m, "dilation", 1)
+            k = (d if isinstance(d, int) else d[0]) * (k - 1) + 1
+        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            k, p, s = in_shape[-1], 0, 1
         else:
             continue
-        n_out = (n + 2 * p - k) // s + 1
         rf, jump_in = rf + (k - 1) * jump, jump
         jump *= s
-        rows.append((name, k, p, s, n, n_out, jump_in, rf))
-        n = n_out
+        rows.append((name, k, p, s, in_shape[-1], out.shape[-1], jump_in, rf))
     return rows
 
 

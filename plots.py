@@ -15,7 +15,7 @@ def save_curves(history, path):
     ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
     ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], "o-", label=split)
     ax_acc.axhline(99.4, color="gray", linestyle="--", linewidth=1, label="99.40% bar")
-    ax_acc.set(title="accuracy (%)", xlabel="epoch", ylim=(97, 100))
+    ax_acc.set(title="accuracy (%), 97 to 100", xlabel="epoch", ylim=(97, 100))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()

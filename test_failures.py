@@ -18,8 +18,8 @@ import torch.nn as nn
 import data
 import train
 from model import Net, count_params
-from test_model import (MAX_EPOCHS, MAX_PARAMS, METRICS, ROOT, WEIGHTS, check_architecture, check_metrics, check_score,
-                        load_weights, read_metrics)
+from test_model import (MAX_EPOCHS, MAX_PARAMS, METRICS, ROOT, WEIGHTS, check_architecture, check_metrics,
+                        check_scores, load_weights, read_metrics, score)
 
 
 # --- model.py changes that break a promise ---------------------------------------------------
@@ -44,9 +44,20 @@ class WithLinear(Net):
 
 
 class Bloated(Net):
+    def __init__(self, trainable=True):
+        super().__init__()
+        self.spare = nn.Parameter(torch.zeros(MAX_PARAMS), requires_grad=trainable)
+
+
+class LinearAfterGap(Net):
+    """A fully-connected layer in disguise: no nn.Linear module, but a matrix on the pooled logits."""
+
     def __init__(self):
         super().__init__()
-        self.spare = nn.Parameter(torch.zeros(MAX_PARAMS))
+        self.register_buffer("mix", torch.randn(10, 10))
+
+    def forward(self, x):
+        return super().forward(x) @ self.mix
 
 
 class CentreOnly(Net):
@@ -69,10 +80,14 @@ def pool_to_one_first(model):
     (lambda: replace(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
     (WithLinear, "nn.Linear"),
     (Bloated, "parameters, the limit"),
+    (lambda: Bloated(trainable=False), "parameters, the limit"),
     (lambda: pool_to_one_first(Net()), "larger than 1x1"),
-    (CentreOnly, "ignore 208 of the 784 input pixels"),
+    (lambda: replace(Net(), nn.AdaptiveAvgPool2d, lambda gap: nn.Sequential(gap, nn.Conv2d(10, 10, 1, groups=10))),
+     "no layer after it"),
+    (LinearAfterGap, "no layer after it"),
+    (CentreOnly, "logit 0 ignores 208 of the 784 input pixels"),
 ], ids=["dropout-removed", "dropout-zero", "batchnorm-removed", "gap-removed", "linear-head",
-        "too-many-params", "gap-on-1x1", "blind-border"])
+        "too-many-params", "frozen-params", "gap-on-1x1", "conv-after-gap", "matmul-after-gap", "blind-border"])
 def test_gate_refuses_broken_model(broken, message):
     with pytest.raises(AssertionError, match=message):
         check_architecture(broken())
@@ -94,10 +109,12 @@ def test_gate_refuses_flipped_byte_in_weights(claims, tmp_path):
         load_weights(claims, tampered)
 
 
-def test_gate_refuses_claims_the_weights_do_not_deliver(claims, committed_accuracy):
-    claims["test_accuracy"] = claims["history"][-1]["test_accuracy"] = round(committed_accuracy + 0.3, 2)
-    with pytest.raises(AssertionError, match="claims"):
-        check_score(claims, committed_accuracy)
+@pytest.mark.parametrize("index", [-1, -3], ids=["final-epoch", "earlier-epoch"])
+def test_gate_refuses_claims_the_weights_do_not_deliver(claims, committed_scores, index):
+    epoch = claims["history"][index]["epoch"]
+    claims["history"][index]["test_accuracy"] = round(committed_scores[epoch] + 0.3, 2)
+    with pytest.raises(AssertionError, match=f"epoch {epoch}: .* claims"):
+        check_scores(claims, {epoch: committed_scores[epoch]})
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -118,6 +135,35 @@ def save_as_claimed(obj, path, claims):
     """torch.save(obj) and make `claims` name its sha256, so only the later checks can refuse it."""
     torch.save(obj, path)
     claims["checkpoint"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path
+
+
+def committed_checkpoint():
+    return torch.load(WEIGHTS, map_location="cpu", weights_only=True)
+
+
+def test_gate_needs_the_weights_of_each_of_the_last_epochs(claims, tmp_path):
+    checkpoint = committed_checkpoint()
+    del checkpoint["last_epochs"][min(checkpoint["last_epochs"])]
+    with pytest.raises(AssertionError, match="the gate re-scores"):
+        load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
+
+
+def test_saved_model_must_be_the_last_epochs(claims, tmp_path):
+    checkpoint = committed_checkpoint()
+    checkpoint["model"] = checkpoint["last_epochs"][min(checkpoint["last_epochs"])]
+    with pytest.raises(AssertionError, match="not the last epoch's weights"):
+        load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
+
+
+def test_gate_rescores_the_earlier_epochs_too(claims, tmp_path, test_set):
+    """Weights of an untrained Net in place of an earlier epoch's: its claim no longer holds."""
+    checkpoint = committed_checkpoint()
+    epoch = min(checkpoint["last_epochs"])
+    checkpoint["last_epochs"][epoch] = Net().state_dict()
+    models = load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
+    with pytest.raises(AssertionError, match=f"epoch {epoch}: the weights score"):
+        check_scores(claims, {epoch: score(models[epoch], test_set)})
 
 
 class Payload:
@@ -126,27 +172,26 @@ class Payload:
 
 
 def test_weights_load_refuses_pickled_code(claims, tmp_path):
-    evil = tmp_path / "model.pt"
-    save_as_claimed({"model": Payload()}, evil, claims)
     with pytest.raises(Exception, match="Weights only load failed"):
-        load_weights(claims, evil)
+        load_weights(claims, save_as_claimed({"model": Payload()}, tmp_path / "model.pt", claims))
 
 
 def test_weights_of_another_architecture_do_not_load(claims, tmp_path):
     state = Net().state_dict()
     key = next(k for k in state if k.endswith("weight"))
     state[key] = torch.zeros(state[key].shape[0] + 1, *state[key].shape[1:])  # one more channel
-    other = tmp_path / "model.pt"
-    save_as_claimed({"model": state}, other, claims)
+    checkpoint = committed_checkpoint()
+    checkpoint["last_epochs"] = {epoch: state for epoch in checkpoint["last_epochs"]}
+    checkpoint["model"] = state
     with pytest.raises(RuntimeError, match="size mismatch"):
-        load_weights(claims, other)
+        load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
 
 
 # --- bad input to train.py: a usage error, exit 2, no traceback --------------------------------
 
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "must be > 0"),
-    (["--epochs", "two"], "is not a int"),
+    (["--epochs", "two"], "'two' is not an integer"),
     (["--batch-size", "-8"], "must be > 0"),
     (["--lr", "0"], "must be > 0"),
     (["--device", "tpu"], "invalid choice"),
@@ -184,21 +229,25 @@ def run_main_expecting_exit(argv):
     return message
 
 
-def test_no_data_and_no_network_says_how_to_provide_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once: offline
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(data.MNIST, "mirrors", ["http://127.0.0.1:9/"])  # refused at once
+
+
+def test_no_data_and_no_network_says_how_to_provide_it(tmp_path, offline):
     message = run_main_expecting_exit(["--data-dir", str(tmp_path), "--out", str(tmp_path)])
     raw = str(tmp_path / "MNIST" / "raw")
     for needed in [raw, "--data-dir", "MNIST_DATA_DIR", *data.ARCHIVES]:
         assert needed in message
 
 
-def test_corrupt_archive_is_named(tmp_path):
+def test_corrupt_archive_is_named(tmp_path, offline):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     good = gzip.compress(b"not mnist")
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(good[: len(good) // 2])
     message = run_main_expecting_exit(["--data-dir", str(tmp_path), "--out", str(tmp_path)])
-    assert "t10k-labels-idx1-ubyte.gz is corrupt" in message
+    assert "t10k-labels-idx1-ubyte.gz is corrupt or truncated" in message
 
 
 def test_truncated_extracted_file_is_reported(tmp_path):
@@ -211,6 +260,8 @@ def test_truncated_extracted_file_is_reported(tmp_path):
 
 
 # --- an interrupted run keeps the previous artifacts ------------------------------------------------
+
+ONE_EPOCH = {"epoch": 1, "train_loss": 0.1, "train_accuracy": 97.0, "test_loss": 0.05, "test_accuracy": 99.0}
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
@@ -231,6 +282,22 @@ def test_interrupted_run_leaves_previous_artifacts_untouched(tmp_path, sig):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_interrupt_during_the_renames_lands_after_them(tmp_path, monkeypatch):
+    """Ctrl-C while the staged files are renamed: it waits until the new set is complete."""
+    rename = os.replace
+
+    def rename_then_interrupt(src, dst):
+        rename(src, dst)
+        signal.raise_signal(signal.SIGINT)  # blocked: stays pending until the renames are done
+
+    monkeypatch.setattr(os, "replace", rename_then_interrupt)
+    monkeypatch.setattr(train, "saved", False)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_artifacts(str(tmp_path), {1: Net().state_dict()}, {"history": [ONE_EPOCH]}, config={})
+    assert train.saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.json", "model.pt"]
+
+
 def test_interrupt_while_saving_keeps_the_previous_set(tmp_path, monkeypatch):
     """Ctrl-C after model.pt is staged but before the set is renamed into place."""
     import plots
@@ -243,7 +310,6 @@ def test_interrupt_while_saving_keeps_the_previous_set(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(plots, "save_curves", interrupted)
-    history = [{"epoch": 1, "test_accuracy": 99.0}]
     with pytest.raises(KeyboardInterrupt):
-        train.save_artifacts(str(tmp_path), Net(), {"history": history}, config={})
+        train.save_artifacts(str(tmp_path), {1: Net().state_dict()}, {"history": [ONE_EPOCH]}, config={})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -10,6 +10,7 @@ Python work and the host-to-device copies (see bench.py for the difference). The
 reads a value back to the host, so a GPU is never made to wait.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ DROPOUT = 0.05
 SEED = 1
 EVAL_BATCH_SIZE = 2000
 HOLDOUT_SPLIT_SEED = 0  # the held-out split is the same for every --seed
+LAST_EPOCHS = 3  # the bar must hold in each of the last 3 epochs; model.pt keeps their weights
 
 
 def pick_device(name):
@@ -49,12 +51,11 @@ def pick_device(name):
 
 
 def pick_amp_dtype(device, amp):
-    """bf16 autocast only where the hardware computes it natively; otherwise float32 (None)."""
-    if amp == "off":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and amp == "on":
+    """bf16 autocast (on), float32 (off, returned as None), or auto: bf16 only on CUDA GPUs that
+    compute it natively (Ampere and newer), where it is faster; older GPUs would only emulate it."""
+    if amp == "on":
+        return torch.bfloat16
+    if amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return None
 
@@ -74,7 +75,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp
         x, y = to_float(images[idx]), labels[idx]
         if augmented:
             x = augment(x, **AUGMENT)
-        with torch.autocast(labels.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(labels.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -112,7 +113,7 @@ def load_splits(data_dir, device, holdout):
 def run(args, device, data, build=None):
     """Trains one model from scratch with args.seed; build(args) makes it (default: Net).
 
-    Returns (model, metrics dict)."""
+    Returns ({epoch: CPU state_dict} for the last LAST_EPOCHS epochs, metrics dict)."""
     torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
     train_x, train_y, eval_x, eval_y, split = data
     model = (build(args) if build else Net(dropout=args.dropout)).to(device)
@@ -126,7 +127,7 @@ def run(args, device, data, build=None):
     else:  # classic step decay: x0.1 at half and at three quarters of the run
         scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, milestones=[steps * args.epochs // 2, steps * args.epochs * 3 // 4], gamma=0.1)
-    history = []
+    history, weights = [], {}
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -141,6 +142,8 @@ def run(args, device, data, build=None):
         print(f"seed {args.seed} epoch {epoch:2d}  lr {lr:.4f}  train loss {train_loss:.4f} "
               f"acc {train_acc:.2f}  {split} loss {eval_loss:.4f} acc {eval_acc:.2f}  "
               f"{history[-1]['seconds']:.1f}s", flush=True)
+        weights[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        weights.pop(epoch - LAST_EPOCHS, None)
     metrics = {
         "params": count_params(model), "epochs": args.epochs, "seed": args.seed,
         "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
@@ -151,13 +154,13 @@ def run(args, device, data, build=None):
         f"{split}_accuracy": history[-1][f"{split}_accuracy"],
         "seconds": round(sum(h["seconds"] for h in history), 1),
     }
-    return model, metrics
+    return weights, metrics
 
 
 def last_epochs(metrics):
-    """The final evaluation accuracy and the lowest of the last three epochs."""
+    """The final evaluation accuracy and the lowest of the last LAST_EPOCHS epochs."""
     accuracies = [h[f"{metrics['eval_split']}_accuracy"] for h in metrics["history"]]
-    return {"final": accuracies[-1], "min_last_3": min(accuracies[-3:])}
+    return {"final": accuracies[-1], "min_last_3": min(accuracies[-LAST_EPOCHS:])}
 
 
 def stage(path, write):
@@ -172,10 +175,15 @@ def stage(path, write):
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename, so a crash can't leave an empty file
     except BaseException:
         os.remove(tmp)
         raise
     return tmp
+
+
+saved = False  # set by save_artifacts once the new set is in place
 
 
 def write_json(obj, path):
@@ -188,15 +196,19 @@ def save_json(obj, path):
     os.replace(stage(path, lambda p: write_json(obj, p)), path)
 
 
-def save_artifacts(out, model, metrics, config):
-    """Writes model.pt, metrics.json and curves.png as one consistent set, or not at all."""
+def save_artifacts(out, weights, metrics, config):
+    """Writes model.pt, metrics.json and curves.png as one consistent set, or not at all.
+
+    model.pt holds the final weights ("model"), the weights of each of the last epochs
+    ("last_epochs", which the gate re-scores) and the run's flags ("config")."""
     from plots import save_curves  # matplotlib only when artifacts are written
 
+    global saved
     paths = {name: os.path.join(out, name) for name in ("model.pt", "curves.png", "metrics.json")}
     staged = {}
     try:
         staged["model.pt"] = stage(paths["model.pt"], lambda p: torch.save(
-            {"model": model.state_dict(), "config": config}, p))
+            {"model": weights[max(weights)], "last_epochs": weights, "config": config}, p))
         with open(staged["model.pt"], "rb") as f:
             metrics["checkpoint"] = {"file": "model.pt", "sha256": hashlib.sha256(f.read()).hexdigest()}
         staged["curves.png"] = stage(paths["curves.png"], lambda p: save_curves(metrics["history"], p))
@@ -208,6 +220,7 @@ def save_artifacts(out, model, metrics, config):
         try:
             for name, tmp in staged.items():
                 os.replace(tmp, paths[name])
+            saved = True  # still inside the blocked window: an interrupt from here on loses nothing
         finally:
             if blockable:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
@@ -223,7 +236,7 @@ def number(kind, accept, rule):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not accept(value):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
@@ -235,6 +248,13 @@ def positive(kind):
 
 
 probability = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def writable_dir(text):
+    """An argparse type: a directory that exists and can be written to, checked before any work."""
+    if not os.path.isdir(text) or not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a writable directory")
+    return text
 
 
 def parse_args(argv=None):
@@ -260,7 +280,7 @@ def parse_args(argv=None):
                    help="bf16 autocast: auto uses it on CUDA GPUs that support it natively")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
-    p.add_argument("--out", default=".", help="directory for model.pt, metrics.json, curves.png")
+    p.add_argument("--out", type=writable_dir, default=".", help="directory for model.pt, metrics.json, curves.png")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")
@@ -268,8 +288,6 @@ def parse_args(argv=None):
         p.error("--device mps: Apple MPS is not available")
     if not 0 <= args.holdout < 60_000:
         p.error(f"--holdout must be in [0, 60000), got {args.holdout}")
-    if not os.path.isdir(args.out) or not os.access(args.out, os.W_OK):
-        p.error(f"--out {args.out!r} is not a writable directory")
     return args
 
 
@@ -304,14 +322,16 @@ def main(argv=None):
         data = load_splits(args.data_dir, device, args.holdout)
         if args.seeds:
             return run_seeds(args, device, data)
-        model, metrics = run(args, device, data)
+        weights, metrics = run(args, device, data)
         config = {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir")}
-        save_artifacts(args.out, model, metrics, config)
+        save_artifacts(args.out, weights, metrics, config)
         print(f"{metrics['eval_split']} accuracy {metrics[metrics['eval_split'] + '_accuracy']:.2f}%  "
               f"params {metrics['params']}  wrote model.pt, metrics.json, curves.png to {args.out}")
     except DataError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
+        if saved:
+            sys.exit(f"interrupted after saving: model.pt, metrics.json and curves.png in {args.out} are complete")
         sys.exit("interrupted: nothing was written; earlier artifacts are untouched")
 
 
