@@ -34,6 +34,7 @@ def channel_dropout_net(args):
 # key: (what changes, extra train.py flags, model builder or None for the default Net)
 ROWS = {
     "default": ("nothing (the defaults)", [], None),
+    "no-ema": ("raw weights instead of their moving average", ["--ema", "0"], None),
     "no-augment": ("no augmentation", ["--no-augment"], None),
     "dropout-0.10": ("dropout 0.10", ["--dropout", "0.1"], None),
     "dropout2d": ("channel dropout (Dropout2d), same places", [], channel_dropout_net),

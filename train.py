@@ -11,6 +11,7 @@ reads a value back to the host, so a GPU is never made to wait.
 """
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 AUGMENT = dict(degrees=7.0, translate=0.05, scale=0.05)  # random rotation (deg), shift and zoom (fractions)
 DROPOUT = 0.05
+EMA = 0.995          # decay of the weight average that is evaluated and saved (0: the raw weights)
 SEED = 1
 EVAL_BATCH_SIZE = 2000
 HOLDOUT_SPLIT_SEED = 0  # the held-out split is the same for every --seed
@@ -60,12 +62,38 @@ def pick_amp_dtype(device, amp):
     return None
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and BatchNorm statistics, updated after
+    every step. It smooths out the step-to-step noise that makes the last epochs' scores wobble.
+
+    The decay warms up as min(decay, (1 + t) / (10 + t)) at step t, so the early average is not
+    dragged back toward the random initial weights. (torch.optim.swa_utils.AveragedModel reads a
+    counter back from the device at every step, which would stall a GPU.)"""
+
+    def __init__(self, model, decay):
+        self.model = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.steps = decay, 0
+        self.pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+
+    @torch.no_grad()
+    def update(self):
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for average, current in self.pairs:
+            if average.is_floating_point():
+                average.lerp_(current, 1 - decay)
+            else:
+                average.copy_(current)  # BatchNorm's batch counter
+
+
 def to_float(images):
     return images.float().div_(255)  # what ToTensor does
 
 
-def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, augmented, desc):
-    """One pass over the data in a fresh random order. Returns (mean loss, accuracy %)."""
+def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, augmented, average, desc):
+    """One pass over the data in a fresh random order, updating `average` (if any) after each step.
+
+    Returns (mean loss, accuracy %) of the model being trained, on the batches as it saw them."""
     model.train()
     n = len(labels)
     loss_sum = torch.zeros((), device=labels.device)
@@ -82,6 +110,8 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average:
+            average.update()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
     return loss_sum.item() / n, 100 * correct.item() / n
@@ -117,6 +147,8 @@ def run(args, device, data, build=None):
     torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
     train_x, train_y, eval_x, eval_y, split = data
     model = (build(args) if build else Net(dropout=args.dropout)).to(device)
+    average = WeightAverage(model, args.ema) if args.ema else None
+    scored = average.model if average else model  # what is evaluated and saved
     amp_dtype = pick_amp_dtype(device, args.amp)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
@@ -132,9 +164,9 @@ def run(args, device, data, build=None):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_acc = train_one_epoch(model, optimizer, scheduler, train_x, train_y,
-                                                args.batch_size, amp_dtype, args.augment,
+                                                args.batch_size, amp_dtype, args.augment, average,
                                                 desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
-        eval_loss, eval_acc = evaluate(model, eval_x, eval_y)
+        eval_loss, eval_acc = evaluate(scored, eval_x, eval_y)
         history.append({"epoch": epoch, "lr": round(lr, 6), "train_loss": round(train_loss, 4),
                         "train_accuracy": round(train_acc, 2), f"{split}_loss": round(eval_loss, 4),
                         f"{split}_accuracy": round(eval_acc, 2),
@@ -142,12 +174,12 @@ def run(args, device, data, build=None):
         print(f"seed {args.seed} epoch {epoch:2d}  lr {lr:.4f}  train loss {train_loss:.4f} "
               f"acc {train_acc:.2f}  {split} loss {eval_loss:.4f} acc {eval_acc:.2f}  "
               f"{history[-1]['seconds']:.1f}s", flush=True)
-        weights[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        weights[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()}
         weights.pop(epoch - LAST_EPOCHS, None)
     metrics = {
         "params": count_params(model), "epochs": args.epochs, "seed": args.seed,
         "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
-        "dropout": args.dropout, "augment": AUGMENT if args.augment else None, "device": str(device),
+        "dropout": args.dropout, "ema": args.ema, "augment": AUGMENT if args.augment else None, "device": str(device),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         "torch_version": torch.__version__, "eval_split": split,
         "holdout": args.holdout, "history": history,
@@ -267,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=["onecycle", "step"], default="onecycle",
                    help="learning-rate schedule: one-cycle, or x0.1 steps at 50%% and 75%% of the run")
     p.add_argument("--dropout", type=probability, default=DROPOUT, help="dropout rate in Net")
+    p.add_argument("--ema", type=probability, default=EMA, metavar="DECAY",
+                   help="evaluate and save a moving average of the weights with this decay; 0: the raw weights")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help=f"random rotation, shift and zoom of each training batch: {AUGMENT}")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
@@ -300,7 +334,7 @@ def run_seeds(args, device, data):
         split = metrics["eval_split"]
         rows.append({"seed": seed, **last_epochs(metrics), "params": metrics["params"],
                      "seconds": metrics["seconds"], "history": metrics["history"]})
-    summary = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "device", "amp",
+    summary = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "ema", "device", "amp",
                                        "torch_version", "eval_split", "holdout")}
     summary["seeds"] = rows
     path = os.path.join(args.out, "seeds.json")
