@@ -194,6 +194,7 @@ def test_weights_of_another_architecture_do_not_load(claims, tmp_path):
     (["--epochs", "two"], "'two' is not an integer"),
     (["--batch-size", "-8"], "must be > 0"),
     (["--lr", "0"], "must be > 0"),
+    (["--ema", "1"], "must be in [0, 1)"),
     (["--device", "tpu"], "invalid choice"),
     (["--device", "cuda"], "no CUDA GPU is available"),
     (["--device", "mps"], "Apple MPS is not available"),

@@ -7,7 +7,8 @@
 The whole dataset sits on the training device as one uint8 tensor; each step slices a shuffled
 batch, augments it there and trains on it. That is what a DataLoader does, minus the per-sample
 Python work and the host-to-device copies (see bench.py for the difference). The step loop never
-reads a value back to the host, so a GPU is never made to wait.
+reads a value back to the host, so a GPU is never made to wait. What is evaluated and saved is a
+moving average of the weights (WeightAverage), not the weights of the last step.
 """
 import argparse
 import contextlib
@@ -110,7 +111,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp
         loss.backward()
         optimizer.step()
         scheduler.step()
-        if average:
+        if average is not None:
             average.update()
         loss_sum += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
