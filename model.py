@@ -73,13 +73,18 @@ def leaf_calls(model, x):
     return calls, out
 
 
-def layer_table(model, input_size=(1, 1, 28, 28)):
-    """Rows of (name, type, output shape, params) for each leaf module run, like torchsummary."""
+def eval_leaf_calls(model, size=28):
+    """leaf_calls on one blank size x size image in eval mode; the model's mode is left as it was."""
     was_training = model.training
-    calls, _ = leaf_calls(model.eval(), torch.zeros(input_size))
+    calls, _ = leaf_calls(model.eval(), torch.zeros(1, 1, size, size))
     model.train(was_training)
+    return calls
+
+
+def layer_table(model, size=28):
+    """Rows of (name, type, output shape, params) for each leaf module run, like torchsummary."""
     return [(name, type(m).__name__, tuple(o.shape[1:]), sum(p.numel() for p in m.parameters()))
-            for name, m, _, o in calls]
+            for name, m, _, o in eval_leaf_calls(model, size)]
 
 
 def receptive_field_table(model, size=28):
@@ -89,11 +94,8 @@ def receptive_field_table(model, size=28):
     rf_out = rf_in + (kernel - 1) * jump_in;  jump_out = jump_in * stride.
     A dilated kernel counts its span; the global average pool's row uses the whole map as its kernel.
     """
-    was_training = model.training
-    calls, _ = leaf_calls(model.eval(), torch.zeros(1, 1, size, size))
-    model.train(was_training)
     rows, rf, jump = [], 1, 1
-    for name, m, in_shape, out in calls:
+    for name, m, in_shape, out in eval_leaf_calls(model, size):
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             k, p, s = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.padding, m.stride))
             d = getattr(m, "dilation", 1)
