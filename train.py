@@ -30,7 +30,7 @@ from model import Net, count_params
 
 # Defaults, each exposed as a flag below.
 EPOCHS = 15
-BATCH_SIZE = 64
+BATCH_SIZE = 128
 LR = 0.1             # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
