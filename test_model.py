@@ -100,7 +100,8 @@ def load_weights(metrics, path):
     epochs = [h["epoch"] for h in metrics["history"][-LAST_EPOCHS:]]
     kept = checkpoint.get("last_epochs", {})
     assert all(e in kept for e in epochs), \
-        f"{path} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: {RETRAIN}"
+        f"{path} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: make LAST_EPOCHS " \
+        f"in train.py at least {LAST_EPOCHS}, then {RETRAIN}"
     final = kept[epochs[-1]]
     assert checkpoint["model"].keys() == final.keys() and all(
         torch.equal(checkpoint["model"][k], final[k]) for k in final), \
