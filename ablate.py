@@ -4,9 +4,9 @@
     python ablate.py --seeds 1 2 --rows default no-augment
 
 Every run trains on the first 50,000 training images and is scored on the last 10,000 (`--holdout`),
-whose writers the first 50,000 hardly show, so the test set plays no part in these choices. Two runs
-go at a time, one CPU thread each: on a small net that gets more done per second than one run on
-two threads.
+half of them from writers the first 50,000 hardly show, so the test set plays no part in these
+choices. Two runs go at a time, one CPU thread each: on a small net that gets more done per second
+than one run on two threads.
 """
 import argparse
 import os

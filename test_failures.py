@@ -251,6 +251,12 @@ def test_corrupt_archive_is_named(tmp_path, offline):
     assert "t10k-labels-idx1-ubyte.gz is corrupt or truncated" in message
 
 
+def test_holdout_run_may_not_replace_the_gated_artifacts(monkeypatch, tmp_path, offline):
+    monkeypatch.chdir(ROOT)  # no data in tmp_path: without the check, the run stops at loading it
+    message = run_main_expecting_exit(["--holdout", "10000", "--data-dir", str(tmp_path)])
+    assert "--out DIR" in message
+
+
 def test_truncated_extracted_file_is_reported(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)

@@ -40,6 +40,7 @@ EMA = 0.995          # decay of the weight average that is evaluated and saved (
 SEED = 1
 EVAL_BATCH_SIZE = 2000
 LAST_EPOCHS = 3  # the bar must hold in each of the last 3 epochs; model.pt keeps their weights
+HERE = os.path.dirname(os.path.abspath(__file__))  # where the gate reads model.pt and metrics.json
 
 
 def pick_device(name):
@@ -133,9 +134,10 @@ def evaluate(model, images, labels):
 def load_splits(data_dir, device, holdout):
     """(train images, train labels, eval images, eval labels, eval split name).
 
-    The held-out images are the last `holdout` of the training file. The file keeps each writer's
-    digits close together, so these come from writers the rest hardly shows, as the test set's
-    writers are new; a random slice would share its writers with the images trained on."""
+    The held-out images are the last `holdout` of the training file. At the file's odd positions each
+    writer's digits come in a run, so the odd half of the tail comes from writers the rest hardly
+    shows, as all the test set's writers are new; the even positions are shuffled. A random slice
+    would share all its writers with the images trained on (README: held-out writers)."""
     images, labels = load_mnist(data_dir, train=True, device=device)
     if not holdout:
         return (images, labels, *load_mnist(data_dir, train=False, device=device), "test")
@@ -210,7 +212,7 @@ def stage(path, write):
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
+        with open(tmp, "r+b") as f:  # Windows can only fsync a file opened for writing
             os.fsync(f.fileno())  # on disk before the rename, so a crash can't leave an empty file
     except BaseException:
         os.remove(tmp)
@@ -310,8 +312,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="train once per seed, write seeds.json and print a table (no weights saved)")
     p.add_argument("--holdout", type=int, default=0, metavar="N",
-                   help="hold out the last N training images (writers the rest hardly shows) and evaluate on them "
-                        "instead of the test set")
+                   help="hold out the last N training images (half of them from writers the rest hardly shows) and "
+                        "evaluate on them instead of the test set; needs --out elsewhere than here")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: CUDA, then Apple MPS, then CPU")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
@@ -355,6 +357,8 @@ def run_seeds(args, device, data):
 def main(argv=None):
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    if args.holdout and os.path.samefile(args.out, HERE):
+        sys.exit("error: --holdout would replace the test-set run the gate checks here; pass --out DIR")
     device = pick_device(args.device)
     try:
         data = load_splits(args.data_dir, device, args.holdout)
