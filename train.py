@@ -1,8 +1,8 @@
 """Train the MNIST Net and write its artifacts.
 
-    python train.py                       # 15 epochs -> model.pt, metrics.json, curves.png
-    python train.py --seeds 1 2 3 4 5     # one run per seed -> seeds.json and a table
-    python train.py --holdout 10000       # evaluate on the last 10k training images instead
+    python train.py                              # 15 epochs -> model.pt, metrics.json, curves.png
+    python train.py --seeds 1 2 3 4 5            # one run per seed -> seeds.json and a table
+    python train.py --holdout 10000 --out /tmp   # score the last 10k training images instead
 
 The whole dataset sits on the training device as one uint8 tensor; each step slices a shuffled
 batch, augments it there and trains on it. That is what a DataLoader does, minus the per-sample
@@ -313,7 +313,7 @@ def parse_args(argv=None):
                    help="train once per seed, write seeds.json and print a table (no weights saved)")
     p.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="hold out the last N training images (half of them from writers the rest hardly shows) and "
-                        "evaluate on them instead of the test set; needs --out elsewhere than here")
+                        "evaluate on them instead of the test set; needs an --out other than train.py's folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: CUDA, then Apple MPS, then CPU")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
