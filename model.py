@@ -11,8 +11,10 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # training-set pixel statistics
 
 
 def conv_block(c_in, c_out, dropout=0.0):
-    """3x3 conv (no padding) -> BatchNorm -> ReLU [-> Dropout]. No conv bias: BN's shift replaces it."""
-    layers = [nn.Conv2d(c_in, c_out, 3, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    """3x3 conv (no padding) -> BatchNorm -> SiLU [-> Dropout]. No conv bias: BN's shift replaces it.
+
+    SiLU (x * sigmoid(x)) is a smooth ReLU; it scored 0.03 points higher on held-out data (README)."""
+    layers = [nn.Conv2d(c_in, c_out, 3, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()]
     if dropout:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
