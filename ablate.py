@@ -22,19 +22,29 @@ from model import Net
 HOLDOUT = 10_000
 
 
-def channel_dropout_net(args):
-    """Same places, but Dropout2d: each draw drops a whole feature map instead of single pixels."""
-    model = Net(dropout=args.dropout)
+def swapped(model, kind, make):
+    """model with each `kind` submodule replaced by make(old); the initial weights are untouched."""
     for block in model.modules():
         for name, child in block.named_children():
-            if isinstance(child, nn.Dropout):
-                setattr(block, name, nn.Dropout2d(child.p))
+            if isinstance(child, kind):
+                setattr(block, name, make(child))
     return model
+
+
+def channel_dropout_net(args):
+    """Same places, but Dropout2d: each draw drops a whole feature map instead of single pixels."""
+    return swapped(Net(dropout=args.dropout), nn.Dropout, lambda d: nn.Dropout2d(d.p))
+
+
+def relu_net(args):
+    """Same net and initial weights, with ReLU in place of SiLU."""
+    return swapped(Net(dropout=args.dropout), nn.SiLU, lambda _: nn.ReLU())
 
 
 # key: (what changes, extra train.py flags, model builder or None for the default Net)
 ROWS = {
     "default": ("nothing (the defaults)", [], None),
+    "relu": ("ReLU instead of SiLU", [], relu_net),
     "no-ema": ("raw weights instead of their moving average", ["--ema", "0"], None),
     "no-augment": ("no augmentation", ["--no-augment"], None),
     "dropout-0.10": ("dropout 0.10", ["--dropout", "0.1"], None),
