@@ -23,7 +23,8 @@ HOLDOUT = 10_000
 
 
 def swapped(model, kind, make):
-    """model with each `kind` submodule replaced by make(old); the initial weights are untouched."""
+    """Replaces, in place, each `kind` submodule of model by make(old) and returns model. With a
+    parameter-free make, the initial weights stay those the seed gave."""
     for block in model.modules():
         for name, child in block.named_children():
             if isinstance(child, kind):
