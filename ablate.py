@@ -17,29 +17,19 @@ import torch
 import torch.nn as nn
 
 import train
-from model import Net
+from model import Net, replace_modules
 
 HOLDOUT = 10_000
 
 
-def swapped(model, kind, make):
-    """Replaces, in place, each `kind` submodule of model by make(old) and returns model. With a
-    parameter-free make, the initial weights stay those the seed gave."""
-    for block in model.modules():
-        for name, child in block.named_children():
-            if isinstance(child, kind):
-                setattr(block, name, make(child))
-    return model
-
-
 def channel_dropout_net(args):
     """Same places, but Dropout2d: each draw drops a whole feature map instead of single pixels."""
-    return swapped(Net(dropout=args.dropout), nn.Dropout, lambda d: nn.Dropout2d(d.p))
+    return replace_modules(Net(dropout=args.dropout), nn.Dropout, lambda d: nn.Dropout2d(d.p))
 
 
 def relu_net(args):
-    """Same net and initial weights, with ReLU in place of SiLU."""
-    return swapped(Net(dropout=args.dropout), nn.SiLU, lambda _: nn.ReLU())
+    """Same net and initial weights (ReLU has no parameters), with ReLU in place of SiLU."""
+    return replace_modules(Net(dropout=args.dropout), nn.SiLU, lambda _: nn.ReLU())
 
 
 # key: (what changes, extra train.py flags, model builder or None for the default Net)

@@ -54,6 +54,17 @@ class Net(nn.Module):
         return x.flatten(1)            # (N, 10) logits
 
 
+def replace_modules(model, kind, make=nn.Identity):
+    """Swaps each submodule of type `kind` for make(old), in place, and returns model. A replacement
+    is not searched again, so it may wrap the module it replaces."""
+    for name, child in model.named_children():
+        if isinstance(child, kind):
+            setattr(model, name, make(child))
+        else:
+            replace_modules(child, kind, make)
+    return model
+
+
 def count_params(model):
     """Every parameter, trainable or frozen: a frozen layer still has to fit in the budget."""
     return sum(p.numel() for p in model.parameters())

@@ -17,22 +17,12 @@ import torch.nn as nn
 
 import data
 import train
-from model import Net, count_params
+from model import Net, count_params, replace_modules
 from test_model import (MAX_EPOCHS, MAX_PARAMS, METRICS, ROOT, WEIGHTS, check_architecture, check_metrics,
                         check_scores, load_weights, read_metrics, score)
 
 
 # --- model.py changes that break a promise ---------------------------------------------------
-
-def replace(model, kind, make=nn.Identity):
-    """Swaps every submodule of type `kind` for make(old)."""
-    for name, child in model.named_children():
-        if isinstance(child, kind):
-            setattr(model, name, make() if make is nn.Identity else make(child))
-        else:
-            replace(child, kind, make)
-    return model
-
 
 class WithLinear(Net):
     def __init__(self):
@@ -69,20 +59,21 @@ class CentreOnly(Net):
 
 def pool_to_one_first(model):
     """Max-pools to 1x1 before the average pool, which then averages a single value."""
-    return replace(model, nn.AdaptiveAvgPool2d,
+    return replace_modules(model, nn.AdaptiveAvgPool2d,
                    lambda gap: nn.Sequential(nn.AdaptiveMaxPool2d(1), gap))
 
 
 @pytest.mark.parametrize("broken, message", [
-    (lambda: replace(Net(), nn.modules.dropout._DropoutNd), "no Dropout"),
+    (lambda: replace_modules(Net(), nn.modules.dropout._DropoutNd), "no Dropout"),
     (lambda: Net(dropout=0.0), "no Dropout"),
-    (lambda: replace(Net(), nn.BatchNorm2d), "no BatchNorm"),
-    (lambda: replace(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
+    (lambda: replace_modules(Net(), nn.BatchNorm2d), "no BatchNorm"),
+    (lambda: replace_modules(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
     (WithLinear, "nn.Linear"),
     (Bloated, "parameters, the limit"),
     (lambda: Bloated(trainable=False), "parameters, the limit"),
     (lambda: pool_to_one_first(Net()), "larger than 1x1"),
-    (lambda: replace(Net(), nn.AdaptiveAvgPool2d, lambda gap: nn.Sequential(gap, nn.Conv2d(10, 10, 1, groups=10))),
+    (lambda: replace_modules(Net(), nn.AdaptiveAvgPool2d,
+                             lambda gap: nn.Sequential(gap, nn.Conv2d(10, 10, 1, groups=10))),
      "no layer after it"),
     (LinearAfterGap, "no layer after it"),
     (CentreOnly, "logit 0 ignores 208 of the 784 input pixels"),
