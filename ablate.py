@@ -9,6 +9,7 @@ choices. Two runs go at a time, one CPU thread each: on a small net that gets mo
 than one run on two threads.
 """
 import argparse
+import copy
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -46,41 +47,82 @@ ROWS = {
 }
 
 
+# Rows that change only the last epochs. Each forks from the default run at the first epoch where
+# they differ, with the same weights, optimizer state and random numbers: the epochs before are the
+# same run, trained once, and the comparison is paired.
+TAIL_ROWS = {
+    "clean-3": ("no augmentation in the last 3 epochs", ["--clean-epochs", "3"]),
+}
+
+
+def row_args(flags, seed, data_dir):
+    return train.parse_args(flags + ["--holdout", str(HOLDOUT), "--seed", str(seed), "--device", "cpu",
+                                     "--data-dir", data_dir])
+
+
+def result(name, seed, flags, metrics):
+    return {"row": name, "seed": seed, "flags": flags, **train.last_epochs(metrics), "seconds": metrics["seconds"]}
+
+
 def run_row(name, seed, data_dir):
     torch.set_num_threads(1)
     _, flags, build = ROWS[name]
-    args = train.parse_args(flags + ["--holdout", str(HOLDOUT), "--seed", str(seed), "--device", "cpu",
-                                     "--data-dir", data_dir])
+    args = row_args(flags, seed, data_dir)
     device = torch.device("cpu")
     data = train.load_splits(args.data_dir, device, args.holdout)
     _, metrics = train.run(args, device, data, build)
-    return {"row": name, "seed": seed, "flags": flags, **train.last_epochs(metrics),
-            "seconds": metrics["seconds"]}
+    return [result(name, seed, flags, metrics)]
+
+
+def run_forked(names, seed, data_dir):
+    """The default row and the tail rows `names` on one seed: one run up to the fork, then each row
+    continues from its own copy, with the random number generator reset to the fork's state."""
+    torch.set_num_threads(1)
+    flags = {"default": ROWS["default"][1], **{name: TAIL_ROWS[name][1] for name in names}}
+    variants = {name: row_args(f, seed, data_dir) for name, f in flags.items()}
+    base = variants["default"]
+    fork = min(a.epochs - a.clean_epochs for a in variants.values())
+    device = torch.device("cpu")
+    data = train.load_splits(base.data_dir, device, base.holdout)
+    state = train.start(base, device, data)
+    train.train_epochs(state, base, data, fork)
+    rng = torch.get_rng_state()
+    results = []
+    for name, args in variants.items():
+        torch.set_rng_state(rng)
+        branch = copy.deepcopy(state)
+        train.train_epochs(branch, args, data, args.epochs)
+        results.append(result(name, seed, flags[name], train.summary(branch, args, device, data[-1])))
+    return results
 
 
 def main():
     p = argparse.ArgumentParser(description="Ablations on a held-out split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ROW",
-                   help=f"rows to run: {', '.join(ROWS)}")
+    p.add_argument("--rows", nargs="+", choices=[*ROWS, *TAIL_ROWS], default=[*ROWS, *TAIL_ROWS], metavar="ROW",
+                   help=f"rows to run: {', '.join([*ROWS, *TAIL_ROWS])}")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds per row")
     p.add_argument("--jobs", type=train.positive(int), default=2, help="runs at a time")
     p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
     p.add_argument("--out", type=train.writable_dir, default=".", help="directory for ablation.json")
     args = p.parse_args()
 
-    jobs = [(row, seed) for row in args.rows for seed in args.seeds]
+    tails = [row for row in args.rows if row in TAIL_ROWS]
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(run_row, *zip(*jobs), [args.data_dir] * len(jobs)))
+        futures = [pool.submit(run_forked, tails, seed, args.data_dir) for seed in args.seeds
+                   if "default" in args.rows or tails]
+        futures += [pool.submit(run_row, row, seed, args.data_dir) for row in args.rows
+                    if row in ROWS and row != "default" for seed in args.seeds]
+        results = [r for f in futures for r in f.result()]
     path = os.path.join(args.out, "ablation.json")
     train.save_json({"holdout": HOLDOUT, "runs": results}, path)
 
     print("\n| change from the defaults | held-out accuracy, final | min of last 3 | s/run |")
     print("|---|---:|---:|---:|")
-    for row in args.rows:
+    for row in dict.fromkeys(["default", *args.rows] if tails else args.rows):
         runs = [r for r in results if r["row"] == row]
         final, low, seconds = (sum(r[key] for r in runs) / len(runs) for key in ("final", "min_last_3", "seconds"))
-        print(f"| {ROWS[row][0]} | {final:.2f} | {low:.2f} | {seconds:.0f} |")
+        print(f"| {({**ROWS, **TAIL_ROWS})[row][0]} | {final:.2f} | {low:.2f} | {seconds:.0f} |")
     print(f"\nwrote {path} ({len(args.seeds)} seed(s) per row, {HOLDOUT:,} held-out images)")
 
 

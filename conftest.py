@@ -28,8 +28,7 @@ def test_set():
 @pytest.fixture(scope="session")
 def committed_models(metrics):
     """{epoch: model} for the last epochs whose weights model.pt keeps."""
-    if not WEIGHTS.exists():
-        pytest.fail(f"{WEIGHTS.name} is missing: {RETRAIN}")
+    assert WEIGHTS.exists(), f"{WEIGHTS.name} is missing: {RETRAIN}"
     return load_weights(metrics, WEIGHTS)
 
 

@@ -1,10 +1,9 @@
 """A tiny CNN for MNIST: BatchNorm, Dropout, global average pooling, no fully-connected layer.
 
-    python model.py        # prints the layer table and the receptive-field table
+    python model.py        # prints the layer table and the receptive-field table (summary.py)
 
 Input: (N, 1, 28, 28) floats in [0, 1], as ToTensor gives. Output: (N, 10) logits.
 """
-import torch
 import torch.nn as nn
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # training-set pixel statistics
@@ -25,9 +24,6 @@ def conv_block(c_in, c_out, dropout=0.0):
 class Net(nn.Module):
     def __init__(self, dropout=0.05):
         super().__init__()
-        # Fixed normalisation inside the model: callers feed raw [0, 1] pixels.
-        self.register_buffer("mean", torch.tensor(MNIST_MEAN))
-        self.register_buffer("std", torch.tensor(MNIST_STD))
         # Strokes and edges at full resolution: 8 channels keep these big maps cheap.
         self.conv1 = conv_block(1, 8)
         self.conv2 = conv_block(8, 8)
@@ -42,7 +38,7 @@ class Net(nn.Module):
         self.gap = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x):              # (N, 1, 28, 28)
-        x = (x - self.mean) / self.std
+        x = (x - MNIST_MEAN) / MNIST_STD  # fixed normalisation: callers feed raw [0, 1] pixels
         x = self.conv1(x)              # (N, 8, 26, 26)   RF 3
         x = self.conv2(x)              # (N, 8, 24, 24)   RF 5
         x = self.pool(x)               # (N, 8, 12, 12)   RF 6
@@ -65,75 +61,10 @@ def replace_modules(model, kind, make=nn.Identity):
     return model
 
 
-def count_params(model):
-    """Every parameter, trainable or frozen: a frozen layer still has to fit in the budget."""
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def leaf_calls(model, x):
-    """Runs model(x); returns ([(name, module, input shape, output)] per leaf module, in the order
-    forward called them, and the model's output)."""
-    names = {m: name for name, m in model.named_modules()}
-    calls, hooks = [], []
-    for m in model.modules():
-        if not list(m.children()):
-            hooks.append(m.register_forward_hook(
-                lambda m, i, o: calls.append((names[m], m, tuple(i[0].shape), o))))
-    try:
-        out = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls, out
-
-
-def eval_leaf_calls(model, size=28):
-    """leaf_calls on one blank size x size image in eval mode; the model's mode is left as it was."""
-    was_training = model.training
-    calls, _ = leaf_calls(model.eval(), torch.zeros(1, 1, size, size))
-    model.train(was_training)
-    return calls
-
-
-def layer_table(model, size=28):
-    """Rows of (name, type, output shape, params) for each leaf module run, like torchsummary."""
-    return [(name, type(m).__name__, tuple(o.shape[1:]), sum(p.numel() for p in m.parameters()))
-            for name, m, _, o in eval_leaf_calls(model, size)]
-
-
-def receptive_field_table(model, size=28):
-    """Rows of (name, kernel, padding, stride, n_in, n_out, jump, rf) for each conv and pool, in the
-    order forward runs them.
-
-    rf_out = rf_in + (kernel - 1) * jump_in;  jump_out = jump_in * stride.
-    A dilated kernel counts its span; the global average pool's row uses the whole map as its kernel.
-    """
-    rows, rf, jump = [], 1, 1
-    for name, m, in_shape, out in eval_leaf_calls(model, size):
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            k, p, s = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.padding, m.stride))
-            d = getattr(m, "dilation", 1)
-            k = (d if isinstance(d, int) else d[0]) * (k - 1) + 1
-        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            k, p, s = in_shape[-1], 0, 1
-        else:
-            continue
-        rf, jump_in = rf + (k - 1) * jump, jump
-        jump *= s
-        rows.append((name, k, p, s, in_shape[-1], out.shape[-1], jump_in, rf))
-    return rows
-
-
 def main():
-    model = Net()
-    print(f"{'layer':<10}{'type':<19}{'output shape':>14}{'params':>8}")
-    for name, kind, shape, params in layer_table(model):
-        print(f"{name:<10}{kind:<19}{str(list(shape)):>14}{params:>8,}")
-    print(f"{'total':<29}{'':>14}{count_params(model):>8,}\n")
-    print(f"{'layer':<10}{'k':>4}{'p':>4}{'s':>4}{'n_in':>6}{'n_out':>6}{'j_in':>6}{'RF':>5}")
-    for name, k, p, s, n_in, n_out, j, rf in receptive_field_table(model):
-        print(f"{name:<10}{k:>4}{p:>4}{s:>4}{n_in:>6}{n_out:>6}{j:>6}{rf:>5}")
+    from summary import print_tables  # the gate's own measuring tools, kept apart from this file
+
+    print_tables(Net())
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ Training-based cases (an interrupted run) are marked slow: `pytest -q -m slow`.
 import copy
 import gzip
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -17,7 +19,9 @@ import torch.nn as nn
 
 import data
 import train
-from model import Net, count_params, replace_modules
+import test_model
+from model import Net, replace_modules
+from summary import count_params
 from test_model import (MAX_EPOCHS, MAX_PARAMS, METRICS, ROOT, WEIGHTS, check_architecture, check_metrics,
                         check_scores, load_weights, read_metrics, score)
 
@@ -37,6 +41,37 @@ class Bloated(Net):
     def __init__(self, trainable=True):
         super().__init__()
         self.spare = nn.Parameter(torch.zeros(MAX_PARAMS), requires_grad=trainable)
+
+
+class WithBuffer(Net):
+    """A 9,000-number table read by forward, stored as a buffer instead of a parameter."""
+
+    def __init__(self, persistent=True):
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(9_000), persistent=persistent)
+
+    def forward(self, x):
+        return super().forward(x) + self.bank[:10]
+
+
+class WithPlainTensor(Net):
+    """The same table kept as a plain attribute: not a parameter, not a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank = [torch.zeros(9_000)]
+
+    def forward(self, x):
+        return super().forward(x) + self.bank[0][:10]
+
+
+class GrowsInForward(Net):
+    """Registers its table during the first forward pass, after any count taken at construction."""
+
+    def forward(self, x):
+        if not hasattr(self, "bank"):
+            self.register_buffer("bank", torch.zeros(9_000, device=x.device))
+        return super().forward(x) + self.bank[:10]
 
 
 class LinearAfterGap(Net):
@@ -69,8 +104,12 @@ def pool_to_one_first(model):
     (lambda: replace_modules(Net(), nn.BatchNorm2d), "no BatchNorm"),
     (lambda: replace_modules(Net(), nn.AdaptiveAvgPool2d), "no global average pooling"),
     (WithLinear, "nn.Linear"),
-    (Bloated, "parameters, the limit"),
-    (lambda: Bloated(trainable=False), "parameters, the limit"),
+    (Bloated, "the limit is"),
+    (lambda: Bloated(trainable=False), "the limit is"),
+    (WithBuffer, "bank 9,000"),
+    (lambda: WithBuffer(persistent=False), "bank 9,000"),
+    (WithPlainTensor, "bank 9,000"),
+    (GrowsInForward, "bank 9,000"),
     (lambda: pool_to_one_first(Net()), "larger than 1x1"),
     (lambda: replace_modules(Net(), nn.AdaptiveAvgPool2d,
                              lambda gap: nn.Sequential(gap, nn.Conv2d(10, 10, 1, groups=10))),
@@ -78,10 +117,27 @@ def pool_to_one_first(model):
     (LinearAfterGap, "no layer after it"),
     (CentreOnly, "logit 0 ignores 208 of the 784 input pixels"),
 ], ids=["dropout-removed", "dropout-zero", "batchnorm-removed", "gap-removed", "linear-head",
-        "too-many-params", "frozen-params", "gap-on-1x1", "conv-after-gap", "matmul-after-gap", "blind-border"])
+        "too-many-params", "frozen-params", "buffer", "non-persistent-buffer", "plain-attribute",
+        "registered-in-forward", "gap-on-1x1", "conv-after-gap", "matmul-after-gap", "blind-border"])
 def test_gate_refuses_broken_model(broken, message):
     with pytest.raises(AssertionError, match=message):
         check_architecture(broken())
+
+
+def test_gate_counts_a_table_at_the_top_of_the_model_file(monkeypatch):
+    """A tensor at the top level of the file that defines the model, read by forward: outside the
+    module tree, but carried all the same."""
+    student_file = types.ModuleType("student_model")
+    student_file.BANK = torch.zeros(9_000)
+
+    class WithTopLevelTensor(Net):
+        def forward(self, x):
+            return super().forward(x) + student_file.BANK[:10]
+
+    WithTopLevelTensor.__module__ = student_file.__name__
+    monkeypatch.setitem(sys.modules, student_file.__name__, student_file)
+    with pytest.raises(AssertionError, match="student_model.BANK 9,000"):
+        check_architecture(WithTopLevelTensor())
 
 
 # --- tampered artifacts -------------------------------------------------------------------------
@@ -174,7 +230,68 @@ def test_weights_of_another_architecture_do_not_load(claims, tmp_path):
     checkpoint = committed_checkpoint()
     checkpoint["last_epochs"] = {epoch: state for epoch in checkpoint["last_epochs"]}
     checkpoint["model"] = state
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(AssertionError, match="do not fit model.py's Net .*size mismatch"):
+        load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
+
+
+def test_gate_measures_with_its_own_tools():
+    """model.py is the file a student edits: a count_params or layer walk taken from it could be
+    edited to lie, so the gate takes only Net from there and measures it with summary.py."""
+    import conftest
+
+    for gate in (test_model, conftest):
+        borrowed = [name for name, obj in vars(gate).items()
+                    if getattr(obj, "__module__", None) == "model" and obj is not Net]
+        assert borrowed == [], f"{gate.__name__} uses {borrowed} from model.py"
+
+
+# --- broken artifacts: one message that names the file, what is wrong and what to run -------------
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"metrics.json is not valid JSON \(Expecting value"),
+    ("{'epochs': 15}", r"metrics.json is not valid JSON"),
+    ("[1, 2]", r"metrics.json holds a list, not a JSON object"),
+    ('{"eval_split": "test"}', r"metrics.json has no valid 'epochs' field"),
+], ids=["empty", "not-json", "not-an-object", "fields-missing"])
+def test_gate_names_a_broken_metrics_file(tmp_path, content, message):
+    path = tmp_path / "metrics.json"
+    path.write_text(content)
+    with pytest.raises(AssertionError, match=message + ".*run `python train.py`"):
+        read_metrics(path)
+
+
+@pytest.mark.parametrize("field", ["history", "checkpoint", "test_accuracy"])
+def test_gate_names_a_missing_metrics_field(claims, tmp_path, field):
+    del claims[field]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(claims))
+    with pytest.raises(AssertionError, match=f"metrics.json has no valid '{field}' field.*run `python train.py`"):
+        read_metrics(path)
+
+
+def test_gate_names_a_history_entry_without_accuracy(claims, tmp_path):
+    del claims["history"][-1]["test_accuracy"]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(claims))
+    with pytest.raises(AssertionError, match="each 'history' entry needs"):
+        read_metrics(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file"], ids=["empty", "garbage"])
+def test_gate_names_an_unloadable_weights_file(claims, tmp_path, content):
+    """Its sha256 is in metrics.json, so only the load itself can refuse it."""
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    claims["checkpoint"]["sha256"] = hashlib.sha256(content).hexdigest()
+    with pytest.raises(AssertionError, match=r"model.pt could not be loaded \(\w+: .*run `python train.py`"):
+        load_weights(claims, path)
+
+
+@pytest.mark.parametrize("entry", ["model", "last_epochs", "config"])
+def test_gate_names_a_missing_checkpoint_entry(claims, tmp_path, entry):
+    checkpoint = committed_checkpoint()
+    del checkpoint[entry]
+    with pytest.raises(AssertionError, match=f"model.pt has no '{entry}' entry"):
         load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from model import Net, count_params, leaf_calls, receptive_field_table
+from model import Net
+from summary import carried_tensors, count_params, leaf_calls, receptive_field_table
 
 # The limits, in one place: a course changes them here.
 MAX_PARAMS = 6_000
@@ -33,6 +34,7 @@ CLAIM_TOLERANCE = 0.02   # points (2 test images) between a claim and the CPU re
 ROOT = Path(__file__).parent
 METRICS, WEIGHTS = ROOT / "metrics.json", ROOT / "model.pt"
 RETRAIN = "run `python train.py` (about 4 minutes on a laptop CPU) and commit model.pt and metrics.json"
+CHECKPOINT_ENTRIES = {"model": dict, "last_epochs": dict, "config": dict}  # what train.py writes to model.pt
 
 
 def trace(model):
@@ -54,11 +56,20 @@ def blind_pixels(model):
     return blind
 
 
+def check_size(model):
+    """Counts every number the model carries, not only model.parameters(): a buffer or a tensor
+    kept on the side is as much a learned table as a weight is (summary.carried_tensors)."""
+    carried = carried_tensors(model)
+    total = sum(t.numel() for t in carried.values())
+    largest = ", ".join(f"{name} {t.numel():,}" for name, t in
+                        sorted(carried.items(), key=lambda item: -item[1].numel())[:3])
+    assert total <= MAX_PARAMS, \
+        f"{total:,} parameters and other carried numbers, the limit is {MAX_PARAMS:,} (largest: {largest})"
+
+
 def check_architecture(model):
     model = copy.deepcopy(model)  # a forward pass in training mode moves BatchNorm's statistics
     assert not any(isinstance(m, nn.Linear) for m in model.modules()), "nn.Linear found: use a conv + GAP head"
-    params = count_params(model)
-    assert params <= MAX_PARAMS, f"{params:,} parameters, the limit is {MAX_PARAMS:,}"
     calls, out, last_output = trace(model)
     ran = [m for m, _, _ in calls]
     assert any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ran), "no BatchNorm in the forward pass"
@@ -76,6 +87,7 @@ def check_architecture(model):
     assert rf >= MIN_RECEPTIVE_FIELD, f"receptive field {rf} at the output, need >= {MIN_RECEPTIVE_FIELD}"
     for k, blind in enumerate(blind_pixels(model)):
         assert blind == 0, f"receptive field: logit {k} ignores {blind} of the 784 input pixels"
+    check_size(model)  # after the forward passes: what forward creates or registers counts too
 
 
 def check_metrics(metrics, params):
@@ -94,22 +106,36 @@ def load_weights(metrics, path):
     """sha256 against metrics.json, then a safe load (tensors only).
 
     Returns {epoch: Net in eval mode} for the last LAST_EPOCHS epochs; the last one is the saved model."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    assert digest == metrics["checkpoint"]["sha256"], f"{path} does not match metrics.json's sha256: {RETRAIN}"
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == metrics["checkpoint"]["sha256"], f"{path.name} does not match metrics.json's sha256: {RETRAIN}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or pickled code
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise AssertionError(f"{path.name} could not be loaded ({type(e).__name__}: {reason}): {RETRAIN}") from None
+    for entry, kind in CHECKPOINT_ENTRIES.items():
+        assert isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), kind), \
+            f"{path.name} has no {entry!r} entry of type {kind.__name__}: {RETRAIN}"
+    assert isinstance(checkpoint["config"].get("dropout"), float), \
+        f"{path.name}'s config has no dropout rate to build Net with: {RETRAIN}"
     epochs = [h["epoch"] for h in metrics["history"][-LAST_EPOCHS:]]
-    kept = checkpoint.get("last_epochs", {})
+    kept = checkpoint["last_epochs"]
     assert all(e in kept for e in epochs), \
-        f"{path} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: make LAST_EPOCHS " \
+        f"{path.name} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: make LAST_EPOCHS " \
         f"in train.py at least {LAST_EPOCHS}, then {RETRAIN}"
     final = kept[epochs[-1]]
     assert checkpoint["model"].keys() == final.keys() and all(
         torch.equal(checkpoint["model"][k], final[k]) for k in final), \
-        f"{path}: the saved model is not the last epoch's weights: {RETRAIN}"
+        f"{path.name}: the saved model is not the last epoch's weights: {RETRAIN}"
     models = {}
     for epoch in epochs:
         models[epoch] = Net(dropout=checkpoint["config"]["dropout"])  # as the run built it
-        models[epoch].load_state_dict(kept[epoch])
+        try:
+            models[epoch].load_state_dict(kept[epoch])
+        except RuntimeError as e:
+            raise AssertionError(f"{path.name}: the weights of epoch {epoch} do not fit model.py's Net "
+                                 f"({' '.join(str(e).split())[:300]}): {RETRAIN}") from None
         models[epoch].eval()
     return models
 
@@ -131,9 +157,28 @@ def check_scores(metrics, scores):
 
 
 def read_metrics(path):
-    if not Path(path).exists():
-        pytest.fail(f"{path} is missing: {RETRAIN}")
-    return json.loads(Path(path).read_text())
+    """metrics.json, checked for every field the gate reads, so that a broken file fails with one
+    message that names the file and the fix instead of a KeyError."""
+    path = Path(path)
+    assert path.exists(), f"{path.name} is missing: {RETRAIN}"
+    try:
+        metrics = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AssertionError(f"{path.name} is not valid JSON ({e}): {RETRAIN}") from None
+    assert isinstance(metrics, dict), f"{path.name} holds a {type(metrics).__name__}, not a JSON object: {RETRAIN}"
+    split = metrics.get("eval_split")
+    accuracy = f"{split}_accuracy"
+    fields = {"eval_split": str, "epochs": int, "params": int, accuracy: (int, float), "history": list,
+              "checkpoint": dict}
+    for field, kind in fields.items():
+        assert isinstance(metrics.get(field), kind), f"{path.name} has no valid {field!r} field: {RETRAIN}"
+    assert metrics["history"] and all(
+        isinstance(h, dict) and isinstance(h.get("epoch"), int) and isinstance(h.get(accuracy), (int, float))
+        for h in metrics["history"]), \
+        f"{path.name}: each 'history' entry needs an 'epoch' and a {accuracy!r}: {RETRAIN}"
+    assert isinstance(metrics["checkpoint"].get("sha256"), str), \
+        f"{path.name} has no 'checkpoint': {{'sha256': ...}} for model.pt: {RETRAIN}"
+    return metrics
 
 
 def test_architecture():

@@ -1,0 +1,141 @@
+"""What a model is made of: the numbers it carries, its layers in the order forward runs them, and
+its receptive field. The gate measures models with these, so they live apart from model.py, the file
+a student edits: a count defined there could be edited to lie.
+
+    python summary.py      # the layer and receptive-field tables of model.py's Net (so does model.py)
+"""
+import sys
+
+import torch
+import torch.nn as nn
+
+# By convention not parameters: BatchNorm's running statistics are computed, not learned.
+BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _tensors_in(value, depth=2):
+    """The tensors in value: itself, a module's parameters and buffers, or what a list, tuple, set
+    or dict holds (two levels deep)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, nn.Module):
+        return [*value.parameters(), *value.buffers()]
+    if depth and isinstance(value, (list, tuple, set, frozenset, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        return [t for item in items for t in _tensors_in(item, depth - 1)]
+    return []
+
+
+def carried_tensors(model):
+    """{where: tensor} for every tensor the model carries, each tensor once:
+
+    - parameters, trainable or frozen;
+    - buffers, persistent or not, except BatchNorm's running statistics and batch counter;
+    - tensors (or modules, or containers of them) kept as plain attributes of a module, of its
+      class, or at the top level of the Python file that defines the class (a "feature bank"
+      that forward reads from outside the module tree).
+    """
+    found, seen = {}, set()
+
+    def add(where, value):
+        for i, t in enumerate(_tensors_in(value)):
+            if id(t) not in seen:
+                seen.add(id(t))
+                found[where if i == 0 else f"{where}[{i}]"] = t
+
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr, p in module.named_parameters(recurse=False):
+            add(prefix + attr, p)
+        for attr, b in module.named_buffers(recurse=False):
+            if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and attr in BATCHNORM_STATISTICS):
+                add(prefix + attr, b)
+        for attr, value in vars(module).items():
+            if attr not in ("_parameters", "_buffers", "_modules"):
+                add(prefix + attr, value)
+    own_classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
+    for cls in own_classes:
+        for attr, value in vars(cls).items():
+            add(f"{cls.__name__}.{attr}", value)
+        source = sys.modules.get(cls.__module__)
+        for attr, value in (vars(source).items() if source else ()):
+            if not isinstance(value, type):  # a class is looked at only if it is one of the model's
+                add(f"{cls.__module__}.{attr}", value)
+    return found
+
+
+def count_params(model):
+    """Every number the model carries (carried_tensors): its parameters plus any other tensor
+    forward could read. The size limit counts these."""
+    return sum(t.numel() for t in carried_tensors(model).values())
+
+
+@torch.no_grad()
+def leaf_calls(model, x):
+    """Runs model(x); returns ([(name, module, input shape, output)] per leaf module, in the order
+    forward called them, and the model's output)."""
+    names = {m: name for name, m in model.named_modules()}
+    calls, hooks = [], []
+    for m in model.modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o: calls.append((names[m], m, tuple(i[0].shape), o))))
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls, out
+
+
+def eval_leaf_calls(model, size=28):
+    """leaf_calls on one blank size x size image in eval mode; the model's mode is left as it was."""
+    was_training = model.training
+    calls, _ = leaf_calls(model.eval(), torch.zeros(1, 1, size, size))
+    model.train(was_training)
+    return calls
+
+
+def layer_table(model, size=28):
+    """Rows of (name, type, output shape, params) for each leaf module run, like torchsummary."""
+    return [(name, type(m).__name__, tuple(o.shape[1:]), sum(p.numel() for p in m.parameters()))
+            for name, m, _, o in eval_leaf_calls(model, size)]
+
+
+def receptive_field_table(model, size=28):
+    """Rows of (name, kernel, padding, stride, n_in, n_out, jump, rf) for each conv and pool, in the
+    order forward runs them.
+
+    rf_out = rf_in + (kernel - 1) * jump_in;  jump_out = jump_in * stride.
+    A dilated kernel counts its span; the global average pool's row uses the whole map as its kernel.
+    """
+    rows, rf, jump = [], 1, 1
+    for name, m, in_shape, out in eval_leaf_calls(model, size):
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, p, s = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.padding, m.stride))
+            d = getattr(m, "dilation", 1)
+            k = (d if isinstance(d, int) else d[0]) * (k - 1) + 1
+        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            k, p, s = in_shape[-1], 0, 1
+        else:
+            continue
+        rf, jump_in = rf + (k - 1) * jump, jump
+        jump *= s
+        rows.append((name, k, p, s, in_shape[-1], out.shape[-1], jump_in, rf))
+    return rows
+
+
+def print_tables(model):
+    print(f"{'layer':<10}{'type':<19}{'output shape':>14}{'params':>8}")
+    for name, kind, shape, params in layer_table(model):
+        print(f"{name:<10}{kind:<19}{str(list(shape)):>14}{params:>8,}")
+    print(f"{'total':<29}{'':>14}{count_params(model):>8,}\n")
+    print(f"{'layer':<10}{'k':>4}{'p':>4}{'s':>4}{'n_in':>6}{'n_out':>6}{'j_in':>6}{'RF':>5}")
+    for name, k, p, s, n_in, n_out, j, rf in receptive_field_table(model):
+        print(f"{name:<10}{k:>4}{p:>4}{s:>4}{n_in:>6}{n_out:>6}{j:>6}{rf:>5}")
+
+
+if __name__ == "__main__":
+    from model import Net
+
+    print_tables(Net())
