@@ -92,7 +92,7 @@ def run_forked(names, seed, data_dir):
         torch.set_rng_state(rng)
         branch = copy.deepcopy(state)
         train.train_epochs(branch, args, data, args.epochs)
-        results.append(result(name, seed, flags[name], train.summary(branch, args, device, data[-1])))
+        results.append(result(name, seed, flags[name], train.metrics_of(branch, args, device, data[-1])))
     return results
 
 

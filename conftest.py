@@ -1,14 +1,10 @@
 """Shared fixtures for the gate: the committed claims, the official test set, the committed model."""
-import os
-
 import pytest
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
-from data import DataError, load_mnist
-from test_model import METRICS, RETRAIN, ROOT, WEIGHTS, load_weights, read_metrics, score
-
-DATA_DIR = os.environ.get("MNIST_DATA_DIR", str(ROOT / "data"))
+from data import DEFAULT_DATA_DIR, DataError, load_mnist
+from test_model import METRICS, RETRAIN, WEIGHTS, load_weights, read_metrics, score
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +15,10 @@ def metrics():
 @pytest.fixture(scope="session")
 def test_set():
     try:
-        load_mnist(DATA_DIR, train=False, device="cpu")  # downloads, or says how to get the files
+        load_mnist(DEFAULT_DATA_DIR, train=False, device="cpu")  # downloads, or says how to get the files
     except DataError as e:
         pytest.fail(str(e))
-    return MNIST(DATA_DIR, train=False, transform=transforms.ToTensor())
+    return MNIST(DEFAULT_DATA_DIR, train=False, transform=transforms.ToTensor())
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torchvision.datasets import MNIST
 from torchvision.datasets.utils import check_integrity
 
-DEFAULT_DATA_DIR = os.environ.get("MNIST_DATA_DIR", "./data")
+# The repository's data/ wherever the command runs from, so train.py and the tests read one copy.
+DEFAULT_DATA_DIR = os.environ.get("MNIST_DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 ARCHIVES = [name for name, _ in MNIST.resources]
 DOWNLOAD_TIMEOUT_S = 5  # fail fast offline instead of hanging on each mirror
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import graphed
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist
 from model import Net
 from summary import count_params
@@ -76,10 +77,16 @@ class WeightAverage:
         self.pairs = list(zip(self.model.state_dict(keep_vars=True).values(),
                               model.state_dict(keep_vars=True).values()))
 
+    def decay_at(self, step):
+        """The decay at step 1, 2, ...: it warms up to self.decay."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self):
+    def update(self, decay=None):
+        """decay: this step's as a device tensor (graphed.py); by default decay_at the next step."""
         self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        if decay is None:
+            decay = self.decay_at(self.steps)
         for average, current in self.pairs:
             if average.is_floating_point():
                 average.lerp_(current, 1 - decay)
@@ -145,23 +152,39 @@ def load_splits(data_dir, device, holdout):
     return images[:fit], labels[:fit], images[fit:], labels[fit:], "val"
 
 
+def make_optimizer(params, args, steps_per_epoch):
+    """SGD with Nesterov momentum and its learning-rate schedule, stepped once per batch."""
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    if args.schedule == "onecycle":  # also cycles momentum from 0.95 to 0.85 and back, against the lr
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
+                                                        steps_per_epoch=steps_per_epoch)
+    else:  # classic step decay: x0.1 at half and at three quarters of the run
+        total = steps_per_epoch * args.epochs
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[total // 2, total * 3 // 4],
+                                                         gamma=0.1)
+    return optimizer, scheduler
+
+
 def start(args, device, data, build=None):
     """A fresh run seeded with args.seed, before its first epoch; build(args) makes the model
     (default: Net). train_epochs advances it; a deepcopy of it, with the RNG state, forks it."""
     torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
+    train_x, train_y = data[:2]
     model = (build(args) if build else Net(dropout=args.dropout)).to(device)
     average = WeightAverage(model, args.ema) if args.ema else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, nesterov=True,
-                                weight_decay=WEIGHT_DECAY)
-    steps = -(-len(data[1]) // args.batch_size)
-    if args.schedule == "onecycle":  # also cycles momentum between 0.95 and 0.85, inversely to the lr
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, epochs=args.epochs,
-                                                        steps_per_epoch=steps)
-    else:  # classic step decay: x0.1 at half and at three quarters of the run
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, milestones=[steps * args.epochs // 2, steps * args.epochs * 3 // 4], gamma=0.1)
-    return argparse.Namespace(model=model, average=average, optimizer=optimizer, scheduler=scheduler,
-                              epoch=0, history=[], weights={})
+    steps = -(-len(train_y) // args.batch_size)
+    state = argparse.Namespace(model=model, average=average, optimizer=None, scheduler=None, graphed=None,
+                               steps_per_epoch=steps, epoch=0, history=[], weights={})
+    if not args.cuda_graph:
+        state.optimizer, state.scheduler = make_optimizer(model.parameters(), args, steps)
+        return state
+    total = steps * args.epochs
+    lrs, momenta = graphed.schedule(*make_optimizer([torch.zeros(1, requires_grad=True)], args, steps), total)
+    decays = [average.decay_at(t) for t in range(1, total + 1)] if average else None
+    state.graphed = graphed.GraphedSteps(model, average, train_x, train_y, args.batch_size, lrs, momenta, decays,
+                                         WEIGHT_DECAY, lambda x: augment(x, **AUGMENT), pick_amp_dtype(args.amp),
+                                         capture=torch.device(device).type == "cuda")
+    return state
 
 
 def train_epochs(state, args, data, until):
@@ -171,11 +194,15 @@ def train_epochs(state, args, data, until):
     amp_dtype = pick_amp_dtype(args.amp)
     for epoch in range(state.epoch + 1, until + 1):
         start_time = time.perf_counter()
-        lr = state.optimizer.param_groups[0]["lr"]
         augmented = args.augment and epoch <= args.epochs - args.clean_epochs
-        train_loss, train_acc = train_one_epoch(state.model, state.optimizer, state.scheduler, train_x, train_y,
-                                                args.batch_size, amp_dtype, augmented, state.average,
-                                                desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
+        if state.graphed:
+            lr = state.graphed.lrs[(epoch - 1) * state.steps_per_epoch].item()
+            train_loss, train_acc = state.graphed.epoch(augmented)
+        else:
+            lr = state.optimizer.param_groups[0]["lr"]
+            train_loss, train_acc = train_one_epoch(state.model, state.optimizer, state.scheduler, train_x, train_y,
+                                                    args.batch_size, amp_dtype, augmented, state.average,
+                                                    desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
         eval_loss, eval_acc = evaluate(scored, eval_x, eval_y)
         state.history.append({"epoch": epoch, "lr": round(lr, 6), "augmented": augmented,
                               "train_loss": round(train_loss, 4), "train_accuracy": round(train_acc, 2),
@@ -189,14 +216,14 @@ def train_epochs(state, args, data, until):
         state.epoch = epoch
 
 
-def summary(state, args, device, split):
+def metrics_of(state, args, device, split):
     """The metrics.json record of a finished run."""
     history = state.history
     return {
         "params": count_params(state.model), "epochs": args.epochs, "seed": args.seed,
         "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
         "dropout": args.dropout, "ema": args.ema, "augment": AUGMENT if args.augment else None,
-        "clean_epochs": args.clean_epochs, "device": str(device), "amp": args.amp,
+        "clean_epochs": args.clean_epochs, "device": str(device), "amp": args.amp, "cuda_graph": args.cuda_graph,
         "torch_version": torch.__version__, "eval_split": split,
         "holdout": args.holdout, "history": history,
         f"{split}_accuracy": history[-1][f"{split}_accuracy"],
@@ -210,7 +237,7 @@ def run(args, device, data, build=None):
     Returns ({epoch: CPU state_dict} for the last LAST_EPOCHS epochs, metrics dict)."""
     state = start(args, device, data, build)
     train_epochs(state, args, data, args.epochs)
-    return state.weights, summary(state, args, device, data[-1])
+    return state.weights, metrics_of(state, args, device, data[-1])
 
 
 def last_epochs(metrics):
@@ -338,12 +365,17 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: CUDA, then Apple MPS, then CPU")
     p.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="replay each training step as a captured CUDA graph (graphed.py); CUDA only, not yet "
+                        "measured on a GPU")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
     p.add_argument("--out", type=writable_dir, default=".", help="directory for model.pt, metrics.json, curves.png")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")
+    if args.cuda_graph and (args.device not in ("auto", "cuda") or not torch.cuda.is_available()):
+        p.error("--cuda-graph needs a CUDA GPU")
     if args.device == "mps" and not torch.backends.mps.is_available():
         p.error("--device mps: Apple MPS is not available")
     if not 0 <= args.holdout < 60_000:

@@ -1,0 +1,149 @@
+"""The training step as a CUDA graph: train.py's GPU path with --cuda-graph.
+
+One training step of this net is about a hundred small kernels. Launched one at a time from Python,
+they leave a big GPU waiting on the launches. Captured once as a CUDA graph, the whole step (batch
+gather, augmentation, forward, backward, SGD, weight average) replays with one launch. A graph
+replays fixed kernels on fixed memory, so whatever changes from step to step lives in device tensors
+that the graph reads:
+
+- the batch's indices: copied into a fixed buffer before each replay (a copy on the device);
+- the learning rate and momentum: the values the eager path's torch scheduler sets, computed for
+  every step up front and looked up by a step counter on the device. OneCycleLR's momentum cycle
+  (0.95 -> 0.85 -> 0.95, against the learning rate) is kept that way;
+- the weight average's decay: likewise, from WeightAverage.decay_at;
+- random numbers (augmentation, dropout): PyTorch's CUDA generator moves on at each replay.
+
+SGD is written out (Nesterov momentum, weight decay, as torch.optim.SGD computes it) because it has
+to read its learning rate and momentum from device tensors. The last batch of an epoch is smaller
+(60,000 = 468 x 128 + 96), so it gets a graph of its own, and so do the epochs without augmentation:
+the recipe is the eager path's. Nothing is read back to the host inside an epoch.
+
+Off the GPU the same step runs eagerly (capture=False), which is how the tests check it on a CPU.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def schedule(optimizer, scheduler, steps):
+    """([lr], [momentum]) of optimizer's first group before each of `steps` steps, as scheduler sets
+    them. Steps both: pass throwaway ones (an optimizer over a dummy parameter)."""
+    lrs, momenta = [], []
+    for i in range(steps):
+        group = optimizer.param_groups[0]
+        lrs.append(group["lr"])
+        momenta.append(group["momentum"])
+        if i < steps - 1:
+            optimizer.step()  # no gradients: changes nothing, but keeps the scheduler's order check quiet
+            scheduler.step()
+    return lrs, momenta
+
+
+class NesterovSGD:
+    """torch.optim.SGD(nesterov=True, dampening=0) with the learning rate and momentum passed in
+    as tensors at each step, so that a captured graph can read new values at every replay."""
+
+    def __init__(self, params, weight_decay):
+        self.params = list(params)
+        self.weight_decay = weight_decay
+        # Zeros, not torch's lazily created buffers: the first step gives momentum * 0 + grad, the
+        # same as torch's copy of the gradient, and the memory exists before the capture.
+        self.buffers = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, lr, momentum):
+        for p, buf in zip(self.params, self.buffers):
+            grad = p.grad.add(p, alpha=self.weight_decay)
+            buf.mul_(momentum).add_(grad)
+            p.sub_(lr * (grad + momentum * buf))
+
+
+class GraphedSteps:
+    """Trains `model` one epoch at a time, each step replayed from a captured graph (CUDA) or run
+    eagerly (capture=False). Runs the steps of train.py's train_one_epoch, in the same order."""
+
+    def __init__(self, model, average, images, labels, batch_size, lrs, momenta, decays, weight_decay,
+                 augment, amp_dtype=None, capture=True):
+        device = labels.device
+        self.model, self.average = model, average
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.augment, self.amp_dtype, self.capture = augment, amp_dtype, capture
+        self.lrs = torch.tensor(lrs, device=device)
+        self.momenta = torch.tensor(momenta, device=device)
+        self.decays = torch.tensor(decays, device=device)
+        self.optimizer = NesterovSGD(model.parameters(), weight_decay)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        for p in self.optimizer.params:
+            p.grad = torch.zeros_like(p)  # fixed memory that every replay's backward fills
+        self.indices = {}  # batch size -> the fixed index buffer its step reads
+        self.graphs = {}   # (batch size, augmented) -> captured graph
+
+    def _step(self, batch_size, augmented):
+        """One training step on the indices in self.indices[batch_size]."""
+        idx = self.indices[batch_size]
+        x, y = self.images[idx].float().div_(255), self.labels[idx]
+        if augmented:
+            x = self.augment(x)
+        autocast = torch.autocast(y.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with autocast:
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+        for p in self.optimizer.params:
+            p.grad.zero_()
+        loss.backward()
+        self.optimizer.step(self.lrs.index_select(0, self.step_index), self.momenta.index_select(0, self.step_index))
+        if self.average is not None:
+            self.average.update(self.decays.index_select(0, self.step_index))
+        self.step_index += 1
+        self.loss_sum += loss.detach() * batch_size
+        self.correct += (logits.argmax(1) == y).sum()
+
+    def _state(self):
+        """Every tensor a step changes, so a warm-up before the capture can be undone."""
+        tensors = [*self.model.state_dict().values(), *self.optimizer.buffers, self.step_index,
+                   self.loss_sum, self.correct]
+        if self.average is not None:
+            tensors += list(self.average.model.state_dict().values())
+        return tensors
+
+    def _captured(self, batch_size, augmented):
+        """The graph of one step with this batch size and augmentation, captured on first use."""
+        key = (batch_size, augmented)
+        if key not in self.graphs:
+            saved = [t.clone() for t in self._state()]
+            rng = torch.cuda.get_rng_state()
+            side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graph requires
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # cuDNN and the allocator settle before the capture
+                    self._step(batch_size, augmented)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, value in zip(self._state(), saved):
+                t.copy_(value)  # the warm-up steps never happened
+            torch.cuda.set_rng_state(rng)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(batch_size, augmented)
+            self.graphs[key] = graph
+        return self.graphs[key]
+
+    def epoch(self, augmented):
+        """One pass in a fresh random order. Returns (mean loss, accuracy %) of the model being
+        trained on the batches as it saw them; the one read back to the host is here, at the end."""
+        self.model.train()
+        n = len(self.labels)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        order = torch.randperm(n, device=self.labels.device)
+        for idx in order.split(self.batch_size):
+            if len(idx) not in self.indices:
+                self.indices[len(idx)] = torch.empty_like(idx)
+            self.indices[len(idx)].copy_(idx)
+            if self.capture:
+                self._captured(len(idx), augmented).replay()
+            else:
+                self._step(len(idx), augmented)
+        return self.loss_sum.item() / n, 100 * self.correct.item() / n

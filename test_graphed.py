@@ -1,0 +1,124 @@
+"""graphed.py, the CUDA-graph training path, against the eager one in train.py.
+
+On the CPU its step runs eagerly (capture=False): the schedule tensors, the hand-written SGD and
+whole epochs are checked against the eager code there. The capture itself needs CUDA.
+"""
+import pytest
+import torch
+
+import graphed
+import train
+from model import Net
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def flags(*argv, cuda_graph=False):
+    """train.py's flags; cuda_graph=True also off CUDA, where graphed.py runs its step eagerly."""
+    args = train.parse_args(["--epochs", "3", "--batch-size", "64", *argv])
+    args.cuda_graph = cuda_graph
+    return args
+
+
+def eager_schedule(args, steps_per_epoch):
+    """(lr, momentum) of each step as the eager loop's optimizer sees them, and the weight
+    average's decay at each step, recorded from a real run of the eager objects."""
+    model = Net()
+    optimizer, scheduler = train.make_optimizer(model.parameters(), args, steps_per_epoch)
+    average = train.WeightAverage(model, args.ema)
+    lrs, momenta, decays = [], [], []
+    for _ in range(steps_per_epoch * args.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        momenta.append(optimizer.param_groups[0]["momentum"])
+        decays.append(average.decay_at(average.steps + 1))
+        optimizer.step()
+        scheduler.step()
+        average.update()
+    return lrs, momenta, decays
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "step"])
+def test_schedule_tensors_match_the_eager_schedule(schedule):
+    args = flags("--schedule", schedule)
+    steps = 10
+    x = torch.zeros(steps * args.batch_size, 1, 28, 28, dtype=torch.uint8)
+    y = torch.zeros(steps * args.batch_size, dtype=torch.long)
+    state = train.start(flags("--schedule", schedule, cuda_graph=True), "cpu", (x, y, x, y, "val"))
+    lrs, momenta, decays = eager_schedule(args, steps)
+    assert len(state.graphed.lrs) == len(lrs) == steps * args.epochs
+    assert torch.allclose(state.graphed.lrs, torch.tensor(lrs))
+    assert torch.allclose(state.graphed.momenta, torch.tensor(momenta))
+    assert torch.allclose(state.graphed.decays, torch.tensor(decays))
+    if schedule == "onecycle":  # the momentum cycle is there, not a constant
+        assert max(momenta) == pytest.approx(0.95) and min(momenta) < 0.86
+
+
+def test_hand_written_sgd_matches_torch_sgd():
+    """Five steps with a new learning rate and momentum each time, as OneCycleLR would set them."""
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    sgd = graphed.NesterovSGD(ours, weight_decay=1e-4)
+    reference = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    for lr, momentum in [(0.01, 0.95), (0.05, 0.93), (0.1, 0.9), (0.07, 0.88), (0.02, 0.85)]:
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        sgd.step(torch.tensor(lr), torch.tensor(momentum))
+        for group in reference.param_groups:
+            group.update(lr=lr, momentum=momentum)
+        reference.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def two_runs(device, *argv):
+    """The same short run, eager and graph-ready; returns both finished states."""
+    images, labels = train.load_mnist(train.DEFAULT_DATA_DIR, train=False, device=device)
+    data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")  # 15 x 64 + 40
+    states = []
+    for cuda_graph in (False, True):
+        args = flags("--epochs", "2", "--clean-epochs", "1", *argv, cuda_graph=cuda_graph)
+        state = train.start(args, device, data)
+        train.train_epochs(state, args, data, args.epochs)
+        states.append(state)
+    return states
+
+
+def assert_same_training(eager, graph, tolerance):
+    for a, b in zip(eager.history, graph.history):
+        for key in ("lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], abs=tolerance[key]), key
+    for (name, a), b in zip(eager.average.model.state_dict().items(), graph.average.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=tolerance["weights"], msg=name)
+
+
+def test_graph_ready_steps_train_like_the_eager_loop():
+    """On the CPU both paths draw the same random numbers in the same order (augmentation, then
+    dropout), so two epochs, one augmented and one not, a ragged last batch in each, must agree
+    up to float rounding."""
+    eager, graph = two_runs("cpu")
+    assert graph.graphed.step_index.item() == 2 * 16
+    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-4, "train_accuracy": 0.01,
+                                        "val_loss": 1e-4, "val_accuracy": 0.01, "weights": 1e-4})
+
+
+@cuda
+def test_captured_graphs_train_like_the_eager_loop_on_cuda():
+    """With no randomness inside the step (no augmentation, no dropout), the captured graphs and
+    the eager loop must train the same weights; GPU kernels are not bit-exact, hence the tolerance."""
+    eager, graph = two_runs("cuda", "--no-augment", "--dropout", "0")
+    assert graph.graphed.step_index.item() == 2 * 16
+    assert set(graph.graphed.graphs) == {(64, False), (40, False)}
+    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-3, "train_accuracy": 0.2,
+                                        "val_loss": 1e-3, "val_accuracy": 0.2, "weights": 1e-3})
+
+
+@cuda
+def test_captured_run_with_augmentation_and_dropout_learns():
+    """The default recipe through the captured graphs: its random draws differ from the eager
+    loop's, so the check is that it learns as well, not that it matches."""
+    eager, graph = two_runs("cuda")
+    assert set(graph.graphed.graphs) == {(64, True), (40, True), (64, False), (40, False)}
+    assert graph.history[-1]["val_accuracy"] > 80
+    assert abs(graph.history[-1]["val_accuracy"] - eager.history[-1]["val_accuracy"]) < 5
