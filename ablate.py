@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import train
+from cli import positive, writable_dir
 from model import Net, replace_modules
 
 HOLDOUT = 10_000
@@ -102,9 +103,9 @@ def main():
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *TAIL_ROWS], default=[*ROWS, *TAIL_ROWS], metavar="ROW",
                    help=f"rows to run: {', '.join([*ROWS, *TAIL_ROWS])}")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds per row")
-    p.add_argument("--jobs", type=train.positive(int), default=2, help="runs at a time")
+    p.add_argument("--jobs", type=positive(int), default=2, help="runs at a time")
     p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
-    p.add_argument("--out", type=train.writable_dir, default=".", help="directory for ablation.json")
+    p.add_argument("--out", type=writable_dir, default=".", help="directory for ablation.json")
     args = p.parse_args()
 
     tails = [row for row in args.rows if row in TAIL_ROWS]

@@ -1,12 +1,16 @@
-"""Whole-process time for one epoch: train.py's on-device pipeline vs. a standard DataLoader one.
+"""Side-by-side timings of two ways to train, each a fresh process, alternating, medians reported.
 
-    python bench.py                 # both pipelines, alternating, 2 rounds; prints a table
-    python bench.py --rounds 3 --batch-size 128
+    python bench.py                        # on a CUDA GPU: eager vs captured steps (--cuda-graph)
+    python bench.py --compare dataloader   # the default off CUDA: one CPU epoch vs a DataLoader
+    python bench.py --rounds 3
 
-Each side is a fresh process that loads MNIST, trains the same Net for one epoch with the same
-batch size, optimizer, schedule and augmentation ranges, scores the test set and writes its
-weights and metrics. The DataLoader side is the pytorch/examples recipe: torchvision transforms
-per sample (RandomAffine, ToTensor), batches from a DataLoader.
+graph: the full default run (15 epochs, the test set scored after each) with train.py's eager step
+loop against the same run with each step replayed from a CUDA graph (graphed.py).
+dataloader: one epoch of train.py's pipeline (data on the device, batched augmentation) against the
+pytorch/examples recipe: torchvision transforms per sample (RandomAffine, ToTensor) and a DataLoader.
+Both sides train the same Net with the same batch size, optimizer, schedule and augmentation ranges.
+Each side reports the whole process (start, load MNIST, train, score, write) and its training time
+(the `seconds` its metrics.json records: training and the per-epoch evaluation).
 """
 import argparse
 import json
@@ -25,6 +29,7 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 import train
+from cli import nonnegative, positive
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
 from model import Net
 
@@ -47,6 +52,7 @@ def dataloader_epoch(args):
                                 nesterov=True, weight_decay=train.WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.LR, epochs=1,
                                                     steps_per_epoch=len(train_loader))
+    start = time.perf_counter()
     model.train()
     for x, y in train_loader:
         loss = F.cross_entropy(model(x), y)
@@ -57,55 +63,76 @@ def dataloader_epoch(args):
     model.eval()
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test_loader)
+    seconds = time.perf_counter() - start
     torch.save(model.state_dict(), os.path.join(args.out, "model.pt"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"test_accuracy": 100 * correct / len(test_loader.dataset)}, f)
+        json.dump({"test_accuracy": 100 * correct / len(test_loader.dataset), "seconds": seconds}, f)
 
 
-def timed(cmd):
+def timed(cmd, out):
+    """(whole-process seconds, training seconds from the metrics.json it wrote)."""
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    whole = time.perf_counter() - start
+    with open(os.path.join(out, "metrics.json")) as f:
+        return whole, json.load(f)["seconds"]
+
+
+def sides(args, out):
+    """{name: command} for the two sides being compared."""
+    common = ["--out", out, "--batch-size", str(args.batch_size), "--data-dir", args.data_dir]
+    if args.compare == "graph":
+        eager = [sys.executable, train.__file__, "--device", "cuda", *common]
+        return {"eager steps": eager, "captured steps (--cuda-graph)": eager + ["--cuda-graph"]}
+    return {"train.py (data on device)": [sys.executable, train.__file__, "--epochs", "1", "--device", "cpu", *common],
+            f"DataLoader ({args.workers} workers)": [sys.executable, __file__, "--baseline", *common,
+                                                      "--workers", str(args.workers)]}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--rounds", type=train.positive(int), default=2, help="alternating rounds; the table shows medians")
-    p.add_argument("--batch-size", type=train.positive(int), default=train.BATCH_SIZE, help="same for both sides")
-    p.add_argument("--workers", type=train.number(int, lambda v: v >= 0, ">= 0"), default=0,
-                   help="DataLoader worker processes")
+    p.add_argument("--compare", choices=["graph", "dataloader"],
+                   default="graph" if torch.cuda.is_available() else "dataloader",
+                   help="graph: eager vs captured steps on CUDA; dataloader: one CPU epoch vs a DataLoader")
+    p.add_argument("--rounds", type=positive(int), default=2, help="alternating rounds; the table shows medians")
+    p.add_argument("--batch-size", type=positive(int), default=train.BATCH_SIZE, help="same for both sides")
+    p.add_argument("--workers", type=nonnegative(int), default=0, help="DataLoader worker processes")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # one baseline epoch
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.baseline:
         return dataloader_epoch(args)
+    if args.compare == "graph" and not torch.cuda.is_available():
+        p.error("--compare graph needs a CUDA GPU")
     try:
         load_mnist(args.data_dir, train=False, device="cpu")  # one clear line if the data is missing
     except DataError as e:
         sys.exit(f"error: {e}")
 
-    sides = {"train.py (data on device)": [], f"DataLoader ({args.workers} workers)": []}
     with tempfile.TemporaryDirectory() as out:
-        commands = [
-            [sys.executable, train.__file__, "--epochs", "1", "--device", "cpu", "--out", out,
-             "--batch-size", str(args.batch_size), "--data-dir", args.data_dir],
-            [sys.executable, __file__, "--baseline", "--out", out, "--batch-size", str(args.batch_size),
-             "--workers", str(args.workers), "--data-dir", args.data_dir],
-        ]
+        commands = sides(args, out)
+        times = {name: [] for name in commands}
         for r in range(args.rounds):
-            for times, cmd in zip(sides.values(), commands):
-                times.append(timed(cmd))
-                print(f"round {r + 1}: {times[-1]:.1f}s  {cmd[1]}", file=sys.stderr)
-    ours, baseline = (statistics.median(t) for t in sides.values())
-    print(f"\none epoch, whole process (load, train, test, write); batch {args.batch_size}, CPU, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}\n")
-    print(f"| pipeline | seconds (median of {args.rounds}) | rounds |\n|---|---:|---|")
-    for name, times in sides.items():
-        print(f"| {name} | {statistics.median(times):.1f} | {', '.join(f'{t:.1f}' for t in times)} |")
-    print(f"\nspeed-up: {baseline / ours:.1f}x")
+            for name, cmd in commands.items():
+                times[name].append(timed(cmd, out))
+                print(f"round {r + 1}: {name}: {times[name][-1][0]:.1f} s whole, {times[name][-1][1]:.1f} s training",
+                      file=sys.stderr)
+    if args.compare == "graph":
+        where = f"{torch.cuda.get_device_name()}, the full default run ({train.EPOCHS} epochs)"
+    else:
+        where = (f"CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+                 "one epoch")
+    print(f"\n{where}; batch {args.batch_size}; torch {torch.__version__}; medians of {args.rounds} rounds\n")
+    print("| path | whole process (s) | training (s) | rounds: whole / training |\n|---|---:|---:|---|")
+    medians = {}
+    for name, runs in times.items():
+        medians[name] = [statistics.median(column) for column in zip(*runs)]
+        print(f"| {name} | {medians[name][0]:.1f} | {medians[name][1]:.1f} | "
+              f"{', '.join(f'{w:.1f} / {t:.1f}' for w, t in runs)} |")
+    (first, a), (second, b) = medians.items()
+    print(f"\n{second} / {first}: {b[0] / a[0]:.2f}x the whole process, {b[1] / a[1]:.2f}x the training time")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,32 @@
-"""Training curves from a metrics history: loss and accuracy per epoch, train vs. evaluation."""
+"""The figures: training curves from a metrics history, and each seed's worst late epoch.
+
+    python plots.py seeds.json [more seeds files ...]   # redraws seeds.png from one or more records
+"""
+import json
+import os
+import sys
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 
+BAR = 99.40  # the gate's MIN_ACCURACY, drawn on both figures
 
-def save_curves(history, path):
+
+def save_curves(history, path, averaged=True):
+    """Loss and accuracy per epoch: the weights being trained, on the batches as they saw them
+    (augmented, dropout on), against the evaluated model, by default the weight average."""
     split = "test" if "test_accuracy" in history[0] else "val"
+    scored = f"{split} (weight average)" if averaged else split
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", label=split)
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (weights being trained)")
+    ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", label=scored)
     ax_loss.set(title="loss", xlabel="epoch", yscale="log")
-    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented)")
-    ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], "o-", label=split)
-    ax_acc.axhline(99.4, color="gray", linestyle="--", linewidth=1, label="99.40% bar")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented batches)")
+    ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], "o-", label=scored)
+    ax_acc.axhline(BAR, color="gray", linestyle="--", linewidth=1, label=f"{BAR:.2f}% bar")
     ax_acc.set(title="accuracy (%), 97 to 100", xlabel="epoch", ylim=(97, 100))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
@@ -22,3 +34,49 @@ def save_curves(history, path):
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
+
+
+def save_seeds(records, path):
+    """One dot per seed: the lowest accuracy of its last 3 epochs, against the bar. One row per
+    record (a seeds.json), labelled with its device and seed count; equal values stack upwards."""
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.9 * len(records)))
+    lows_all = []
+    for row, record in enumerate(records):
+        lows = [s["min_last_3"] for s in record["seeds"]]
+        lows_all += lows
+        stacked = [row + 0.1 * lows[:i].count(low) for i, low in enumerate(lows)]
+        ax.scatter(lows, stacked, s=30, c=["tab:blue" if low >= BAR else "tab:red" for low in lows])
+        held = sum(low >= BAR for low in lows)
+        ax.text(1.01, row, f"{held} of {len(lows)} hold", transform=ax.get_yaxis_transform(), va="center")
+    ax.axvline(BAR, color="gray", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(records)),
+                  [f"{r.get('device_name') or r['device'].upper()}, {len(r['seeds'])} seeds" for r in records])
+    ax.set_ylim(-0.4, len(records) - 0.2)
+    ax.set_xlim(min(lows_all + [BAR]) - 0.03, max(lows_all + [BAR]) + 0.03)
+    ax.set_xlabel(f"lowest {records[0]['eval_split']} accuracy (%) of the last 3 epochs; dashed: the {BAR:.2f} bar")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main(paths, out="seeds.png"):
+    records = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                records.append(json.load(f))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            sys.exit(f"error: {path}: {e}")
+    try:
+        save_seeds(records, out + ".tmp")
+    except (KeyError, TypeError, IndexError) as e:
+        sys.exit(f"error: not a seeds record from `python train.py --seeds` ({type(e).__name__}: {e})")
+    os.replace(out + ".tmp", out)  # all at once: an interrupted run leaves the old picture
+    print(f"wrote {out} from {', '.join(paths)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python plots.py seeds.json [more seeds files ...]")
+    main(sys.argv[1:])

@@ -421,7 +421,7 @@ def test_interrupt_while_saving_keeps_the_previous_set(tmp_path, monkeypatch):
     for name, content in before.items():
         (tmp_path / name).write_bytes(content)
 
-    def interrupted(history, path):
+    def interrupted(history, path, **options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(plots, "save_curves", interrupted)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import graphed
+from cli import nonnegative, positive, probability, writable_dir
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist
 from model import Net
 from summary import count_params
@@ -294,7 +295,8 @@ def save_artifacts(out, weights, metrics, config):
             {"model": weights[max(weights)], "last_epochs": weights, "config": config}, p))
         with open(staged["model.pt"], "rb") as f:
             metrics["checkpoint"] = {"file": "model.pt", "sha256": hashlib.sha256(f.read()).hexdigest()}
-        staged["curves.png"] = stage(paths["curves.png"], lambda p: save_curves(metrics["history"], p))
+        staged["curves.png"] = stage(paths["curves.png"], lambda p: save_curves(metrics["history"], p,
+                                                                                 averaged=bool(metrics.get("ema"))))
         staged["metrics.json"] = stage(paths["metrics.json"], lambda p: write_json(metrics, p))
         # The renames are the commit point: no signal may land between them.
         blockable = hasattr(signal, "pthread_sigmask")  # POSIX; elsewhere the window is microseconds
@@ -313,33 +315,6 @@ def save_artifacts(out, weights, metrics, config):
                 os.remove(tmp)
 
 
-def number(kind, accept, rule):
-    """An argparse type: `kind` parsed from text, then held to `rule` (e.g. "> 0")."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-    return parse
-
-
-def positive(kind):
-    return number(kind, lambda v: v > 0, "> 0")
-
-
-probability = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-def writable_dir(text):
-    """An argparse type: a directory that exists and can be written to, checked before any work."""
-    if not os.path.isdir(text) or not os.access(text, os.W_OK):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a writable directory")
-    return text
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the MNIST Net.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -354,7 +329,7 @@ def parse_args(argv=None):
                    help="evaluate and save a moving average of the weights with this decay; 0: the raw weights")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help=f"random rotation, shift and zoom of each training batch: {AUGMENT}")
-    p.add_argument("--clean-epochs", type=number(int, lambda v: v >= 0, ">= 0"), default=CLEAN_EPOCHS,
+    p.add_argument("--clean-epochs", type=nonnegative(int), default=CLEAN_EPOCHS,
                    metavar="N", help="train the last N epochs on the images as they are, without augmentation")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
@@ -384,26 +359,33 @@ def parse_args(argv=None):
 
 
 def run_seeds(args, device, data):
-    """Trains once per seed; writes seeds.json (no weights) and prints one row per seed."""
+    """Trains once per seed; writes seeds.json (no weights) and seeds.png, and prints a table."""
+    from plots import BAR, save_seeds  # matplotlib only when artifacts are written
+
     rows = []
     for seed in args.seeds:
         args.seed = seed
         _, metrics = run(args, device, data)
-        split = metrics["eval_split"]
         rows.append({"seed": seed, **last_epochs(metrics), "params": metrics["params"],
                      "seconds": metrics["seconds"], "history": metrics["history"]})
-    summary = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "ema", "device", "amp",
-                                       "torch_version", "eval_split", "holdout")}
-    summary["seeds"] = rows
-    path = os.path.join(args.out, "seeds.json")
-    save_json(summary, path)
-    print(f"\n{split} accuracy per seed ({metrics['params']} params, {args.epochs} epochs)")
+    record = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "schedule", "dropout", "ema", "augment",
+                                      "clean_epochs", "device", "amp", "cuda_graph", "torch_version", "eval_split",
+                                      "holdout")}
+    if device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(device)
+    record["seeds"] = rows
+    paths = {name: os.path.join(args.out, name) for name in ("seeds.json", "seeds.png")}
+    save_json(record, paths["seeds.json"])
+    os.replace(stage(paths["seeds.png"], lambda p: save_seeds([record], p)), paths["seeds.png"])
+    print(f"\n{metrics['eval_split']} accuracy per seed ({metrics['params']} params, {args.epochs} epochs, {device})")
     print(f"{'seed':>5}{'final':>8}{'min last 3':>12}{'seconds':>9}")
     for r in rows:
         print(f"{r['seed']:>5}{r['final']:>8.2f}{r['min_last_3']:>12.2f}{r['seconds']:>9.1f}")
-    finals = [r["final"] for r in rows]
-    print(f"{'mean':>5}{sum(finals) / len(finals):>8.2f}{min(r['min_last_3'] for r in rows):>12.2f}  (min)")
-    print(f"wrote {path}")
+    mean = {key: sum(r[key] for r in rows) / len(rows) for key in ("final", "min_last_3")}
+    print(f"{'mean':>5}{mean['final']:>8.2f}{mean['min_last_3']:>12.3f}")
+    held = sum(r["min_last_3"] >= BAR for r in rows)
+    print(f"{held} of {len(rows)} seeds hold {BAR:.2f} in each of the last {LAST_EPOCHS} epochs")
+    print(f"wrote {paths['seeds.json']} and {paths['seeds.png']}")
 
 
 def main(argv=None):
