@@ -71,7 +71,7 @@ class GraphedSteps:
         self.augment, self.amp_dtype, self.capture = augment, amp_dtype, capture
         self.lrs = torch.tensor(lrs, device=device)
         self.momenta = torch.tensor(momenta, device=device)
-        self.decays = torch.tensor(decays, device=device)
+        self.decays = None if decays is None else torch.tensor(decays, device=device)
         self.optimizer = NesterovSGD(model.parameters(), weight_decay)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), device=device)
@@ -87,7 +87,9 @@ class GraphedSteps:
         x, y = self.images[idx].float().div_(255), self.labels[idx]
         if augmented:
             x = self.augment(x)
-        autocast = torch.autocast(y.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        # Without the autocast cache: a graph must not keep casts made during its capture.
+        autocast = (torch.autocast(y.device.type, dtype=self.amp_dtype, cache_enabled=False) if self.amp_dtype
+                    else contextlib.nullcontext())
         with autocast:
             logits = self.model(x)
             loss = F.cross_entropy(logits, y)
