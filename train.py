@@ -39,7 +39,7 @@ LR = 0.1             # peak learning rate of the one-cycle schedule (SGD, Nester
 MOMENTUM = 0.9       # the step schedule's; the one-cycle schedule cycles it 0.95 -> 0.85 -> 0.95 instead
 WEIGHT_DECAY = 1e-4
 AUGMENT = dict(degrees=7.0, translate=0.05, scale=0.05)  # random rotation (deg), shift and zoom (fractions)
-CLEAN_EPOCHS = 0     # the last epochs train on un-augmented images
+CLEAN_EPOCHS = 3     # the last 3 epochs train on the images as they are, without augmentation
 DROPOUT = 0.05
 EMA = 0.995          # decay of the weight average that is evaluated and saved (0: the raw weights)
 SEED = 1
@@ -346,7 +346,8 @@ def parse_args(argv=None):
                         "measured on a GPU")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
-    p.add_argument("--out", type=writable_dir, default=".", help="directory for model.pt, metrics.json, curves.png")
+    p.add_argument("--out", type=writable_dir, default=HERE,
+                   help="directory for model.pt, metrics.json, curves.png (the gate reads the ones beside train.py)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available")
