@@ -16,16 +16,19 @@ BAR = 99.40  # the gate's MIN_ACCURACY, drawn on both figures
 
 def save_curves(history, path, averaged=True):
     """Loss and accuracy per epoch: the weights being trained, on the batches as they saw them
-    (augmented, dropout on), against the evaluated model, by default the weight average."""
+    (dropout on), against the evaluated model, by default the weight average. Epochs trained
+    without augmentation are shaded."""
     split = "test" if "test_accuracy" in history[0] else "val"
     scored = f"{split} (weight average)" if averaged else split
     epochs = [h["epoch"] for h in history]
+    clean = [h["epoch"] for h in history if not h.get("augmented", True)]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (weights being trained)")
-    ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], "o-", label=scored)
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        if clean:
+            ax.axvspan(min(clean) - 0.5, max(clean) + 0.5, color="gray", alpha=0.12, label="no augmentation")
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train (as trained, dropout on)")
+        ax.plot(epochs, [h[f"{split}_{metric}"] for h in history], "o-", label=scored)
     ax_loss.set(title="loss", xlabel="epoch", yscale="log")
-    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train (augmented batches)")
-    ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], "o-", label=scored)
     ax_acc.axhline(BAR, color="gray", linestyle="--", linewidth=1, label=f"{BAR:.2f}% bar")
     ax_acc.set(title="accuracy (%), 97 to 100", xlabel="epoch", ylim=(97, 100))
     for ax in (ax_loss, ax_acc):
