@@ -22,6 +22,15 @@ def test_set():
 
 
 @pytest.fixture(scope="session")
+def test_tensors():
+    """The test set as train.py loads it: (uint8 images, labels) on the CPU."""
+    try:
+        return load_mnist(DEFAULT_DATA_DIR, train=False, device="cpu")
+    except DataError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
 def committed_models(metrics):
     """{epoch: model} for the last epochs whose weights model.pt keeps."""
     assert WEIGHTS.exists(), f"{WEIGHTS.name} is missing: {RETRAIN}"

@@ -24,6 +24,9 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+WARM_UP_STEPS = 3  # eager steps before a capture, so cuDNN and the allocator settle; then undone
 
 
 def schedule(optimizer, scheduler, steps):
@@ -69,9 +72,10 @@ class GraphedSteps:
         self.model, self.average = model, average
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.augment, self.amp_dtype, self.capture = augment, amp_dtype, capture
-        self.lrs = torch.tensor(lrs, device=device)
-        self.momenta = torch.tensor(momenta, device=device)
-        self.decays = None if decays is None else torch.tensor(decays, device=device)
+        # A capture's warm-up may start at the last step and read past the end: repeat the last value.
+        padded = lambda values: torch.tensor(values + values[-1:] * WARM_UP_STEPS, device=device)
+        self.lrs, self.momenta = padded(lrs), padded(momenta)
+        self.decays = None if decays is None else padded(decays)
         self.optimizer = NesterovSGD(model.parameters(), weight_decay)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
         self.loss_sum = torch.zeros((), device=device)
@@ -96,43 +100,52 @@ class GraphedSteps:
         for p in self.optimizer.params:
             p.grad.zero_()
         loss.backward()
-        self.optimizer.step(self.lrs.index_select(0, self.step_index), self.momenta.index_select(0, self.step_index))
+        now = lambda schedule: schedule.index_select(0, self.step_index).squeeze(0)  # 0-d, read on the device
+        self.optimizer.step(now(self.lrs), now(self.momenta))
         if self.average is not None:
-            self.average.update(self.decays.index_select(0, self.step_index))
+            self.average.update(now(self.decays))
         self.step_index += 1
         self.loss_sum += loss.detach() * batch_size
         self.correct += (logits.argmax(1) == y).sum()
 
     def _state(self):
-        """Every tensor a step changes, so a warm-up before the capture can be undone."""
-        tensors = [*self.model.state_dict().values(), *self.optimizer.buffers, self.step_index,
-                   self.loss_sum, self.correct]
-        if self.average is not None:
-            tensors += list(self.average.model.state_dict().values())
-        return tensors
+        """Every tensor a step changes (buffers persistent or not), so a warm-up can be undone."""
+        models = [self.model] + ([self.average.model] if self.average is not None else [])
+        return [*(t for m in models for t in (*m.parameters(), *m.buffers())), *self.optimizer.buffers,
+                self.step_index, self.loss_sum, self.correct]
+
+    def _warm_up(self, batch_size, augmented):
+        """WARM_UP_STEPS eager steps, off the default stream on CUDA as torch.cuda.graph requires,
+        then every tensor and the random-number state put back: the steps never happened."""
+        cuda = self.labels.device.type == "cuda"
+        with torch.no_grad():
+            saved = [t.clone() for t in self._state()]
+        rng = torch.cuda.get_rng_state() if cuda else torch.get_rng_state()
+        side = torch.cuda.Stream() if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            for _ in range(WARM_UP_STEPS):
+                self._step(batch_size, augmented)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for t, value in zip(self._state(), saved):
+                t.copy_(value)
+        (torch.cuda.set_rng_state if cuda else torch.set_rng_state)(rng)
 
     def _captured(self, batch_size, augmented):
         """The graph of one step with this batch size and augmentation, captured on first use."""
         key = (batch_size, augmented)
         if key not in self.graphs:
-            saved = [t.clone() for t in self._state()]
-            rng = torch.cuda.get_rng_state()
-            side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graph requires
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):  # cuDNN and the allocator settle before the capture
-                    self._step(batch_size, augmented)
-            torch.cuda.current_stream().wait_stream(side)
-            for t, value in zip(self._state(), saved):
-                t.copy_(value)  # the warm-up steps never happened
-            torch.cuda.set_rng_state(rng)
+            self._warm_up(batch_size, augmented)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._step(batch_size, augmented)
             self.graphs[key] = graph
         return self.graphs[key]
 
-    def epoch(self, augmented):
+    def epoch(self, augmented, desc=None):
         """One pass in a fresh random order. Returns (mean loss, accuracy %) of the model being
         trained on the batches as it saw them; the one read back to the host is here, at the end."""
         self.model.train()
@@ -140,7 +153,7 @@ class GraphedSteps:
         self.loss_sum.zero_()
         self.correct.zero_()
         order = torch.randperm(n, device=self.labels.device)
-        for idx in order.split(self.batch_size):
+        for idx in tqdm(order.split(self.batch_size), desc=desc, leave=False, unit="batch", disable=None):
             if len(idx) not in self.indices:
                 self.indices[len(idx)] = torch.empty_like(idx)
             self.indices[len(idx)].copy_(idx)

@@ -45,10 +45,10 @@ def test_schedule_tensors_match_the_eager_schedule(schedule):
     y = torch.zeros(steps * args.batch_size, dtype=torch.long)
     state = train.start(flags("--schedule", schedule, cuda_graph=True), "cpu", (x, y, x, y, "val"))
     lrs, momenta, decays = eager_schedule(args, steps)
-    assert len(state.graphed.lrs) == len(lrs) == steps * args.epochs
-    assert torch.allclose(state.graphed.lrs, torch.tensor(lrs))
-    assert torch.allclose(state.graphed.momenta, torch.tensor(momenta))
-    assert torch.allclose(state.graphed.decays, torch.tensor(decays))
+    total, padding = steps * args.epochs, graphed.WARM_UP_STEPS  # padded for a warm-up at the last step
+    for ours, eager in ((state.graphed.lrs, lrs), (state.graphed.momenta, momenta), (state.graphed.decays, decays)):
+        assert len(ours) == len(eager) + padding == total + padding
+        assert torch.allclose(ours, torch.tensor(eager + eager[-1:] * padding))
     if schedule == "onecycle":  # the momentum cycle is there, not a constant
         assert max(momenta) == pytest.approx(0.95) and min(momenta) < 0.86
 
@@ -72,14 +72,14 @@ def test_hand_written_sgd_matches_torch_sgd():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def two_runs(device, *argv):
+def two_runs(test_tensors, device, *argv, build=None):
     """The same short run, eager and graph-ready; returns both finished states."""
-    images, labels = train.load_mnist(train.DEFAULT_DATA_DIR, train=False, device=device)
+    images, labels = (t.to(device) for t in test_tensors)
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")  # 15 x 64 + 40
     states = []
     for cuda_graph in (False, True):
         args = flags("--epochs", "2", "--clean-epochs", "1", *argv, cuda_graph=cuda_graph)
-        state = train.start(args, device, data)
+        state = train.start(args, device, data, build)
         train.train_epochs(state, args, data, args.epochs)
         states.append(state)
     return states
@@ -94,22 +94,51 @@ def assert_same_training(eager, graph, tolerance):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=tolerance["weights"], msg=name)
 
 
-@pytest.mark.parametrize("ema", ["0.995", "0"], ids=["weight-average", "raw-weights"])
-def test_graph_ready_steps_train_like_the_eager_loop(ema):
+class WithTemperature(Net):
+    """A 0-d parameter, as a learned temperature would be: the step's scalars must fit it."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return super().forward(x) * self.temperature
+
+
+@pytest.mark.parametrize("ema, build", [("0.995", None), ("0", None), ("0.995", lambda args: WithTemperature())],
+                         ids=["weight-average", "raw-weights", "scalar-parameter"])
+def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, build):
     """On the CPU both paths draw the same random numbers in the same order (augmentation, then
     dropout), so two epochs, one augmented and one not, a ragged last batch in each, must agree
     up to float rounding."""
-    eager, graph = two_runs("cpu", "--ema", ema)
+    eager, graph = two_runs(test_tensors, "cpu", "--ema", ema, build=build)
     assert graph.graphed.step_index.item() == 2 * 16
     assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-4, "train_accuracy": 0.01,
                                         "val_loss": 1e-4, "val_accuracy": 0.01, "weights": 1e-4})
 
 
+def test_warm_up_leaves_no_trace_even_at_the_last_step(test_tensors):
+    """Before each capture, real steps warm up cuDNN and the allocator. They may start at the very
+    last step (the schedules are padded for that), and afterwards every tensor they touched and
+    the random-number state are as they were."""
+    images, labels = test_tensors
+    data = (images[:200], labels[:200], images[200:300], labels[200:300], "val")
+    args = flags("--epochs", "1", cuda_graph=True)
+    state = train.start(args, "cpu", data)
+    steps = state.graphed
+    steps.step_index.fill_(state.steps_per_epoch * args.epochs - 1)  # the last real step
+    steps.indices[64] = torch.arange(64)
+    before, rng = [t.clone() for t in steps._state()], torch.get_rng_state()
+    steps._warm_up(64, augmented=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, steps._state()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 @cuda
-def test_captured_graphs_train_like_the_eager_loop_on_cuda():
+def test_captured_graphs_train_like_the_eager_loop_on_cuda(test_tensors):
     """With no randomness inside the step (no augmentation, no dropout), the captured graphs and
     the eager loop must train the same weights; GPU kernels are not bit-exact, hence the tolerance."""
-    eager, graph = two_runs("cuda", "--no-augment", "--dropout", "0")
+    eager, graph = two_runs(test_tensors, "cuda", "--no-augment", "--dropout", "0")
     assert graph.graphed.step_index.item() == 2 * 16
     assert set(graph.graphed.graphs) == {(64, False), (40, False)}
     assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-3, "train_accuracy": 0.2,
@@ -117,10 +146,19 @@ def test_captured_graphs_train_like_the_eager_loop_on_cuda():
 
 
 @cuda
-def test_captured_run_with_augmentation_and_dropout_learns():
+def test_captured_run_with_augmentation_and_dropout_learns(test_tensors):
     """The default recipe through the captured graphs: its random draws differ from the eager
-    loop's, so the check is that it learns as well, not that it matches."""
-    eager, graph = two_runs("cuda")
+    loop's, so the check is that it learns as well, not that it matches; and each replay draws
+    new random numbers (two replays of one step from the same state give different losses)."""
+    eager, graph = two_runs(test_tensors, "cuda")
     assert set(graph.graphed.graphs) == {(64, True), (40, True), (64, False), (40, False)}
     assert graph.history[-1]["val_accuracy"] > 80
     assert abs(graph.history[-1]["val_accuracy"] - eager.history[-1]["val_accuracy"]) < 5
+    steps, losses = graph.graphed, []
+    saved = [t.clone() for t in steps._state()]
+    for _ in range(2):
+        for t, value in zip(steps._state(), saved):
+            t.copy_(value)
+        steps.graphs[(64, True)].replay()
+        losses.append((steps.loss_sum - saved[-2]).item())
+    assert losses[0] != losses[1]

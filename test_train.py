@@ -4,17 +4,16 @@ import copy
 import torch
 
 import train
-from data import DEFAULT_DATA_DIR, load_mnist
 
 
 def without_times(history):
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
-def test_a_forked_run_is_the_full_run():
+def test_a_forked_run_is_the_full_run(test_tensors):
     """Two runs that differ from epoch 3 on (augmentation in the last epoch or not), forked after
     epoch 2 as ablate.py does, give the same numbers as each run done from scratch."""
-    images, labels = load_mnist(DEFAULT_DATA_DIR, train=False, device="cpu")
+    images, labels = test_tensors
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")
     flags = {clean: train.parse_args(["--epochs", "3", "--batch-size", "64", "--clean-epochs", str(clean)])
              for clean in (0, 1)}

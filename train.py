@@ -169,7 +169,8 @@ def make_optimizer(params, args, steps_per_epoch):
 
 def start(args, device, data, build=None):
     """A fresh run seeded with args.seed, before its first epoch; build(args) makes the model
-    (default: Net). train_epochs advances it; a deepcopy of it, with the RNG state, forks it."""
+    (default: Net). train_epochs advances it; a deepcopy of it, with the RNG state, forks it (an
+    eager run only: a captured CUDA graph cannot be copied)."""
     torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
     train_x, train_y = data[:2]
     model = (build(args) if build else Net(dropout=args.dropout)).to(device)
@@ -199,7 +200,7 @@ def train_epochs(state, args, data, until):
         augmented = args.augment and epoch <= args.epochs - args.clean_epochs
         if state.graphed:
             lr = state.graphed.lrs[(epoch - 1) * state.steps_per_epoch].item()
-            train_loss, train_acc = state.graphed.epoch(augmented)
+            train_loss, train_acc = state.graphed.epoch(augmented, desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
         else:
             lr = state.optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(state.model, state.optimizer, state.scheduler, train_x, train_y,
