@@ -4,41 +4,78 @@ a student edits: a count defined there could be edited to lie.
 
     python summary.py      # the layer and receptive-field tables of model.py's Net (so does model.py)
 """
+import copy
 import sys
+import types
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-# By convention not parameters: BatchNorm's running statistics are computed, not learned.
+# By convention not parameters: BatchNorm's running statistics are computed, not learned. They
+# are let off only beside the affine weights they normalise for, one of each per channel.
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _tensors_in(value, depth=2):
-    """The tensors in value: itself, a module's parameters and buffers, or what a list, tuple, set
-    or dict holds (two levels deep)."""
-    if isinstance(value, torch.Tensor):
+def _arrays_in(value, depth=3):
+    """The tensors and numpy arrays in value: itself, a module's parameters and buffers, or what a
+    list, tuple, set or dict holds (three levels deep)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
         return [value]
     if isinstance(value, nn.Module):
         return [*value.parameters(), *value.buffers()]
     if depth and isinstance(value, (list, tuple, set, frozenset, dict)):
         items = value.values() if isinstance(value, dict) else value
-        return [t for item in items for t in _tensors_in(item, depth - 1)]
+        return [t for item in items for t in _arrays_in(item, depth - 1)]
     return []
 
 
+def size(array):
+    """How many numbers a tensor or numpy array holds."""
+    return array.numel() if isinstance(array, torch.Tensor) else array.size
+
+
+def _exempt(module, name, buffer):
+    """BatchNorm's running statistics, when they sit beside affine weights of the same size."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or name not in BATCHNORM_STATISTICS:
+        return False
+    weight = getattr(module, "weight", None)
+    return weight is not None and buffer.numel() in (weight.numel(), 1)
+
+
+def _functions_of(cls):
+    """The plain functions a class defines (forward and its helpers)."""
+    for value in vars(cls).values():
+        value = getattr(value, "__func__", value)  # staticmethod, classmethod
+        if isinstance(value, types.FunctionType):
+            yield value
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return None
+
+
 def carried_tensors(model):
-    """{where: tensor} for every tensor the model carries, each tensor once:
+    """{where: tensor or numpy array} for every table of numbers the model carries, each once:
 
     - parameters, trainable or frozen;
-    - buffers, persistent or not, except BatchNorm's running statistics and batch counter;
-    - tensors (or modules, or containers of them) kept as plain attributes of a module, of its
-      class, or at the top level of the Python file that defines the class (a "feature bank"
-      that forward reads from outside the module tree).
+    - buffers, persistent or not, except BatchNorm's running statistics and batch counter beside
+      BatchNorm's own affine weights;
+    - tensors, numpy arrays, modules, or containers of them, kept as plain attributes of a module,
+      on its class or a base class, as default values or closure cells of their functions, or at
+      the top level of the Python files that define those classes: a "feature bank" that forward
+      reads from outside the module tree.
+
+    This is what can be found cheaply, not a proof: numbers typed into model.py as Python lists,
+    or loaded from a file inside forward, are not found.
     """
     found, seen = {}, set()
 
     def add(where, value):
-        for i, t in enumerate(_tensors_in(value)):
+        for i, t in enumerate(_arrays_in(value)):
             if id(t) not in seen:
                 seen.add(id(t))
                 found[where if i == 0 else f"{where}[{i}]"] = t
@@ -48,15 +85,20 @@ def carried_tensors(model):
         for attr, p in module.named_parameters(recurse=False):
             add(prefix + attr, p)
         for attr, b in module.named_buffers(recurse=False):
-            if not (isinstance(module, nn.modules.batchnorm._BatchNorm) and attr in BATCHNORM_STATISTICS):
+            if not _exempt(module, attr, b):
                 add(prefix + attr, b)
         for attr, value in vars(module).items():
             if attr not in ("_parameters", "_buffers", "_modules"):
                 add(prefix + attr, value)
-    own_classes = {type(m) for m in model.modules() if not type(m).__module__.startswith("torch.")}
-    for cls in own_classes:
+    own_classes = {cls for m in model.modules() for cls in type(m).__mro__
+                   if cls is not object and not cls.__module__.startswith("torch.")}
+    for cls in sorted(own_classes, key=lambda c: c.__qualname__):
         for attr, value in vars(cls).items():
             add(f"{cls.__name__}.{attr}", value)
+        for function in _functions_of(cls):
+            where = f"{cls.__name__}.{function.__name__}"
+            add(f"{where} defaults", [function.__defaults__, function.__kwdefaults__])
+            add(f"{where} closure", [_contents(cell) for cell in function.__closure__ or ()])
         source = sys.modules.get(cls.__module__)
         for attr, value in (vars(source).items() if source else ()):
             if not isinstance(value, type):  # a class is looked at only if it is one of the model's
@@ -65,9 +107,13 @@ def carried_tensors(model):
 
 
 def count_params(model):
-    """Every number the model carries (carried_tensors): its parameters plus any other tensor
-    forward could read. The size limit counts these."""
-    return sum(t.numel() for t in carried_tensors(model).values())
+    """Every number the model carries (carried_tensors), after one forward pass in eval mode on a
+    copy, so that what forward creates counts too. The size limit counts these."""
+    model = copy.deepcopy(model).eval()
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 28, 28, device=device))
+    return sum(size(t) for t in carried_tensors(model).values())
 
 
 @torch.no_grad()

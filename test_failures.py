@@ -13,6 +13,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -74,6 +75,35 @@ class GrowsInForward(Net):
         return super().forward(x) + self.bank[:10]
 
 
+class BatchNormTable(Net):
+    """The table as the running mean of a BatchNorm without weights: statistics by name only."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank = nn.BatchNorm1d(9_000, affine=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.bank.running_mean[:10]
+
+
+class WithClassTable(Net):
+    BANK = torch.zeros(9_000)
+
+
+class InheritsTable(WithClassTable):
+    """The table on a base class, not on the class the model is."""
+
+    def forward(self, x):
+        return super().forward(x) + self.BANK[:10]
+
+
+class WithDefaultArgument(Net):
+    """The table as a default value of forward's arguments."""
+
+    def forward(self, x, bank=torch.zeros(9_000)):
+        return super().forward(x) + bank[:10]
+
+
 class LinearAfterGap(Net):
     """A fully-connected layer in disguise: no nn.Linear module, but a matrix on the pooled logits."""
 
@@ -110,6 +140,9 @@ def pool_to_one_first(model):
     (lambda: WithBuffer(persistent=False), "bank 9,000"),
     (WithPlainTensor, "bank 9,000"),
     (GrowsInForward, "bank 9,000"),
+    (BatchNormTable, "bank.running_mean 9,000"),
+    (InheritsTable, "WithClassTable.BANK 9,000"),
+    (WithDefaultArgument, "WithDefaultArgument.forward defaults 9,000"),
     (lambda: pool_to_one_first(Net()), "larger than 1x1"),
     (lambda: replace_modules(Net(), nn.AdaptiveAvgPool2d,
                              lambda gap: nn.Sequential(gap, nn.Conv2d(10, 10, 1, groups=10))),
@@ -118,21 +151,22 @@ def pool_to_one_first(model):
     (CentreOnly, "logit 0 ignores 208 of the 784 input pixels"),
 ], ids=["dropout-removed", "dropout-zero", "batchnorm-removed", "gap-removed", "linear-head",
         "too-many-params", "frozen-params", "buffer", "non-persistent-buffer", "plain-attribute",
-        "registered-in-forward", "gap-on-1x1", "conv-after-gap", "matmul-after-gap", "blind-border"])
+        "registered-in-forward", "batchnorm-statistics", "base-class-attribute", "default-argument", "gap-on-1x1", "conv-after-gap", "matmul-after-gap", "blind-border"])
 def test_gate_refuses_broken_model(broken, message):
     with pytest.raises(AssertionError, match=message):
         check_architecture(broken())
 
 
-def test_gate_counts_a_table_at_the_top_of_the_model_file(monkeypatch):
-    """A tensor at the top level of the file that defines the model, read by forward: outside the
+@pytest.mark.parametrize("bank", [torch.zeros(9_000), np.zeros(9_000, dtype=np.float32)], ids=["tensor", "numpy"])
+def test_gate_counts_a_table_at_the_top_of_the_model_file(monkeypatch, bank):
+    """A table at the top level of the file that defines the model, read by forward: outside the
     module tree, but carried all the same."""
     student_file = types.ModuleType("student_model")
-    student_file.BANK = torch.zeros(9_000)
+    student_file.BANK = bank
 
     class WithTopLevelTensor(Net):
         def forward(self, x):
-            return super().forward(x) + student_file.BANK[:10]
+            return super().forward(x) + torch.as_tensor(student_file.BANK[:10])
 
     WithTopLevelTensor.__module__ = student_file.__name__
     monkeypatch.setitem(sys.modules, student_file.__name__, student_file)
@@ -269,11 +303,17 @@ def test_gate_names_a_missing_metrics_field(claims, tmp_path, field):
         read_metrics(path)
 
 
-def test_gate_names_a_history_entry_without_accuracy(claims, tmp_path):
-    del claims["history"][-1]["test_accuracy"]
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["history"][-1].pop("test_accuracy"), "each 'history' entry needs"),
+    (lambda m: m["history"][-1].update(test_accuracy=float("nan")), "each 'history' entry needs"),
+    (lambda m: m.update(test_accuracy=float("inf")), "no valid 'test_accuracy' field"),
+    (lambda m: m.update(epochs=True), "no valid 'epochs' field"),
+], ids=["accuracy-missing", "accuracy-nan", "accuracy-infinite", "epochs-not-a-number"])
+def test_gate_names_a_bad_metrics_value(claims, tmp_path, edit, message):
+    edit(claims)
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps(claims))
-    with pytest.raises(AssertionError, match="each 'history' entry needs"):
+    with pytest.raises(AssertionError, match=message + ".*run `python train.py`"):
         read_metrics(path)
 
 
@@ -293,6 +333,34 @@ def test_gate_names_a_missing_checkpoint_entry(claims, tmp_path, entry):
     del checkpoint[entry]
     with pytest.raises(AssertionError, match=f"model.pt has no '{entry}' entry"):
         load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["config"].update(dropout=1.5), "no dropout rate in"),
+    (lambda c: c["config"].pop("dropout"), "no dropout rate in"),
+    (lambda c: c["last_epochs"].update({15: [1, 2]}), "must map epoch numbers to weights"),
+], ids=["dropout-out-of-range", "dropout-missing", "epoch-weights-not-a-dict"])
+def test_gate_names_a_bad_checkpoint_value(claims, tmp_path, edit, message):
+    checkpoint = committed_checkpoint()
+    edit(checkpoint)
+    with pytest.raises(AssertionError, match=message + ".*run `python train.py`"):
+        load_weights(claims, save_as_claimed(checkpoint, tmp_path / "model.pt", claims))
+
+
+class GrowsSmall(Net):
+    """Registers a small buffer in its first forward pass, as a lazily built layer would."""
+
+    def forward(self, x):
+        if not hasattr(self, "scale"):
+            self.register_buffer("scale", torch.ones(10, device=x.device))
+        return super().forward(x) * self.scale
+
+
+def test_size_is_the_same_before_and_after_training():
+    """train.py counts the trained model, the gate a fresh one: both must count what forward adds."""
+    trained = GrowsSmall()
+    trained(torch.zeros(2, 1, 28, 28))
+    assert count_params(GrowsSmall()) == count_params(trained) == count_params(Net()) + 10
 
 
 # --- bad input to train.py: a usage error, exit 2, no traceback --------------------------------

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from model import Net
-from summary import carried_tensors, count_params, leaf_calls, receptive_field_table
+from summary import carried_tensors, count_params, leaf_calls, receptive_field_table, size
 
 # The limits, in one place: a course changes them here.
 MAX_PARAMS = 6_000
@@ -60,9 +60,8 @@ def check_size(model):
     """Counts every number the model carries, not only model.parameters(): a buffer or a tensor
     kept on the side is as much a learned table as a weight is (summary.carried_tensors)."""
     carried = carried_tensors(model)
-    total = sum(t.numel() for t in carried.values())
-    largest = ", ".join(f"{name} {t.numel():,}" for name, t in
-                        sorted(carried.items(), key=lambda item: -item[1].numel())[:3])
+    total = sum(size(t) for t in carried.values())
+    largest = ", ".join(f"{name} {size(t):,}" for name, t in sorted(carried.items(), key=lambda item: -size(item[1]))[:3])
     assert total <= MAX_PARAMS, \
         f"{total:,} parameters and other carried numbers, the limit is {MAX_PARAMS:,} (largest: {largest})"
 
@@ -117,10 +116,13 @@ def load_weights(metrics, path):
     for entry, kind in CHECKPOINT_ENTRIES.items():
         assert isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), kind), \
             f"{path.name} has no {entry!r} entry of type {kind.__name__}: {RETRAIN}"
-    assert isinstance(checkpoint["config"].get("dropout"), float), \
-        f"{path.name}'s config has no dropout rate to build Net with: {RETRAIN}"
+    dropout = checkpoint["config"].get("dropout")
+    assert isinstance(dropout, float) and 0 <= dropout < 1, \
+        f"{path.name}'s config has no dropout rate in [0, 1) to build Net with: {RETRAIN}"
     epochs = [h["epoch"] for h in metrics["history"][-LAST_EPOCHS:]]
     kept = checkpoint["last_epochs"]
+    assert all(isinstance(e, int) and isinstance(weights, dict) for e, weights in kept.items()), \
+        f"{path.name}: 'last_epochs' must map epoch numbers to weights: {RETRAIN}"
     assert all(e in kept for e in epochs), \
         f"{path.name} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: make LAST_EPOCHS " \
         f"in train.py at least {LAST_EPOCHS}, then {RETRAIN}"
@@ -130,7 +132,7 @@ def load_weights(metrics, path):
         f"{path.name}: the saved model is not the last epoch's weights: {RETRAIN}"
     models = {}
     for epoch in epochs:
-        models[epoch] = Net(dropout=checkpoint["config"]["dropout"])  # as the run built it
+        models[epoch] = Net(dropout=dropout)  # as the run built it
         try:
             models[epoch].load_state_dict(kept[epoch])
         except RuntimeError as e:
@@ -156,6 +158,16 @@ def check_scores(metrics, scores):
         assert accuracy >= MIN_ACCURACY, f"epoch {epoch}: the weights score {accuracy:.2f}%, below {MIN_ACCURACY}%"
 
 
+def whole(value):
+    """A JSON integer (true and false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def percent(value):
+    """A JSON number from 0 to 100 (NaN and infinity are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
+
+
 def read_metrics(path):
     """metrics.json, checked for every field the gate reads, so that a broken file fails with one
     message that names the file and the fix instead of a KeyError."""
@@ -168,14 +180,13 @@ def read_metrics(path):
     assert isinstance(metrics, dict), f"{path.name} holds a {type(metrics).__name__}, not a JSON object: {RETRAIN}"
     split = metrics.get("eval_split")
     accuracy = f"{split}_accuracy"
-    fields = {"eval_split": str, "epochs": int, "params": int, accuracy: (int, float), "history": list,
-              "checkpoint": dict}
-    for field, kind in fields.items():
-        assert isinstance(metrics.get(field), kind), f"{path.name} has no valid {field!r} field: {RETRAIN}"
-    assert metrics["history"] and all(
-        isinstance(h, dict) and isinstance(h.get("epoch"), int) and isinstance(h.get(accuracy), (int, float))
-        for h in metrics["history"]), \
-        f"{path.name}: each 'history' entry needs an 'epoch' and a {accuracy!r}: {RETRAIN}"
+    fields = {"eval_split": lambda v: isinstance(v, str), "epochs": whole, "params": whole, accuracy: percent,
+              "history": lambda v: isinstance(v, list) and v, "checkpoint": lambda v: isinstance(v, dict)}
+    for field, valid in fields.items():
+        assert valid(metrics.get(field)), f"{path.name} has no valid {field!r} field: {RETRAIN}"
+    assert all(
+        isinstance(h, dict) and whole(h.get("epoch")) and percent(h.get(accuracy)) for h in metrics["history"]), \
+        f"{path.name}: each 'history' entry needs an 'epoch' and a {accuracy!r} from 0 to 100: {RETRAIN}"
     assert isinstance(metrics["checkpoint"].get("sha256"), str), \
         f"{path.name} has no 'checkpoint': {{'sha256': ...}} for model.pt: {RETRAIN}"
     return metrics
