@@ -33,7 +33,7 @@ CLAIM_TOLERANCE = 0.02   # points (2 test images) between a claim and the CPU re
 
 ROOT = Path(__file__).parent
 METRICS, WEIGHTS = ROOT / "metrics.json", ROOT / "model.pt"
-RETRAIN = "run `python train.py` (about 4 minutes on a laptop CPU) and commit model.pt and metrics.json"
+RETRAIN = "run `python train.py` (about 3 minutes on a laptop CPU) and commit model.pt and metrics.json"
 CHECKPOINT_ENTRIES = {"model": dict, "last_epochs": dict, "config": dict}  # what train.py writes to model.pt
 
 

@@ -146,7 +146,7 @@ def load_splits(data_dir, device, holdout):
     The held-out images are the last `holdout` of the training file. At the file's odd positions each
     writer's digits come in a run, so the odd half of the tail comes from writers the rest hardly
     shows, as all the test set's writers are new; the even positions are shuffled. A random slice
-    would share all its writers with the images trained on (README: held-out writers)."""
+    would share all its writers with the images trained on (DESIGN.md: held-out writers)."""
     images, labels = load_mnist(data_dir, train=True, device=device)
     if not holdout:
         return (images, labels, *load_mnist(data_dir, train=False, device=device), "test")
