@@ -116,7 +116,8 @@ def main():
                     if row in ROWS and row != "default" for seed in args.seeds]
         results = [r for f in futures for r in f.result()]
     path = os.path.join(args.out, "ablation.json")
-    train.save_json({"holdout": HOLDOUT, "runs": results}, path)
+    train.save_json({"holdout": HOLDOUT, "device": "cpu", "threads_per_run": 1, "torch_version": torch.__version__,
+                     "runs": results}, path)
 
     print("\n| change from the defaults | held-out accuracy, final | min of last 3 | s/run |")
     print("|---|---:|---:|---:|")
