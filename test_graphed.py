@@ -113,8 +113,10 @@ def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, build):
     up to float rounding."""
     eager, graph = two_runs(test_tensors, "cpu", "--ema", ema, build=build)
     assert graph.graphed.step_index.item() == 2 * 16
-    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-4, "train_accuracy": 0.01,
-                                        "val_loss": 1e-4, "val_accuracy": 0.01, "weights": 1e-4})
+    # Rounding apart, the same training: the histories are rounded to 4 and 2 decimals, so allow a
+    # last-digit flip and one image of 1,000 either way.
+    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 2e-4, "train_accuracy": 0.11,
+                                        "val_loss": 2e-4, "val_accuracy": 0.11, "weights": 1e-4})
 
 
 def test_warm_up_leaves_no_trace_even_at_the_last_step(test_tensors):
