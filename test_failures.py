@@ -465,7 +465,16 @@ def test_interrupted_run_leaves_previous_artifacts_untouched(tmp_path, sig):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
-def test_interrupt_during_the_renames_lands_after_them(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt, as train.main makes it, also where pytest runs as a
+    background job, which starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_interrupt_during_the_renames_lands_after_them(tmp_path, monkeypatch, ctrl_c_raises):
     """Ctrl-C while the staged files are renamed: it waits until the new set is complete."""
     rename = os.replace
 

@@ -393,7 +393,9 @@ def run_seeds(args, device, data):
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    # SIGTERM stops like Ctrl-C, and Ctrl-C stops even where the parent ignored it (a background job)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     if args.holdout and os.path.samefile(args.out, HERE):
         sys.exit("error: --holdout would replace the test-set run the gate checks here; pass --out DIR")
     device = pick_device(args.device)
