@@ -65,6 +65,11 @@ def load_mnist(root, train, device):
     return dataset.data.unsqueeze(1).to(device), dataset.targets.to(device)
 
 
+def to_float(images):
+    """uint8 pixels to floats in [0, 1], as ToTensor gives."""
+    return images.float().div_(255)
+
+
 def augment(x, degrees, translate, scale):
     """Random rotation, shift and zoom for a whole batch at once, one draw per image.
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import to_float
+
 WARM_UP_STEPS = 3  # eager steps before a capture, so cuDNN and the allocator settle; then undone
 
 
@@ -88,7 +90,7 @@ class GraphedSteps:
     def _step(self, batch_size, augmented):
         """One training step on the indices in self.indices[batch_size]."""
         idx = self.indices[batch_size]
-        x, y = self.images[idx].float().div_(255), self.labels[idx]
+        x, y = to_float(self.images[idx]), self.labels[idx]
         if augmented:
             x = self.augment(x)
         # Without the autocast cache: a graph must not keep casts made during its capture.

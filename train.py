@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import graphed
 from cli import nonnegative, positive, probability, writable_dir
-from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist
+from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
 from model import Net
 from summary import count_params
 
@@ -94,10 +94,6 @@ class WeightAverage:
                 average.lerp_(current, 1 - decay)
             else:
                 average.copy_(current)  # BatchNorm's batch counter
-
-
-def to_float(images):
-    return images.float().div_(255)  # what ToTensor does
 
 
 def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, augmented, average, desc):
@@ -198,14 +194,14 @@ def train_epochs(state, args, data, until):
     for epoch in range(state.epoch + 1, until + 1):
         start_time = time.perf_counter()
         augmented = args.augment and epoch <= args.epochs - args.clean_epochs
+        desc = f"seed {args.seed} epoch {epoch}/{args.epochs}"
         if state.graphed:
             lr = state.graphed.lrs[(epoch - 1) * state.steps_per_epoch].item()
-            train_loss, train_acc = state.graphed.epoch(augmented, desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
+            train_loss, train_acc = state.graphed.epoch(augmented, desc)
         else:
             lr = state.optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(state.model, state.optimizer, state.scheduler, train_x, train_y,
-                                                    args.batch_size, amp_dtype, augmented, state.average,
-                                                    desc=f"seed {args.seed} epoch {epoch}/{args.epochs}")
+                                                    args.batch_size, amp_dtype, augmented, state.average, desc)
         eval_loss, eval_acc = evaluate(scored, eval_x, eval_y)
         state.history.append({"epoch": epoch, "lr": round(lr, 6), "augmented": augmented,
                               "train_loss": round(train_loss, 4), "train_accuracy": round(train_acc, 2),
@@ -277,9 +273,14 @@ def write_json(obj, path):
         f.write(json.dumps(obj, indent=2) + "\n")
 
 
+def replace_with(path, write):
+    """Replaces `path` with what write(tmp) writes, atomically."""
+    os.replace(stage(path, write), path)
+
+
 def save_json(obj, path):
     """Replaces `path` with obj as JSON, atomically."""
-    os.replace(stage(path, lambda p: write_json(obj, p)), path)
+    replace_with(path, lambda p: write_json(obj, p))
 
 
 def save_artifacts(out, weights, metrics, config):
@@ -379,7 +380,7 @@ def run_seeds(args, device, data):
     record["seeds"] = rows
     paths = {name: os.path.join(args.out, name) for name in ("seeds.json", "seeds.png")}
     save_json(record, paths["seeds.json"])
-    os.replace(stage(paths["seeds.png"], lambda p: save_seeds([record], p)), paths["seeds.png"])
+    replace_with(paths["seeds.png"], lambda p: save_seeds([record], p))
     print(f"\n{metrics['eval_split']} accuracy per seed ({metrics['params']} params, {args.epochs} epochs, {device})")
     print(f"{'seed':>5}{'final':>8}{'min last 3':>12}{'seconds':>9}")
     for r in rows:
