@@ -58,10 +58,14 @@ class NesterovSGD:
 
     @torch.no_grad()
     def step(self, lr, momentum):
-        for p, buf in zip(self.params, self.buffers):
-            grad = p.grad.add(p, alpha=self.weight_decay)
-            buf.mul_(momentum).add_(grad)
-            p.sub_(lr * (grad + momentum * buf))
+        # Multi-tensor (foreach) ops: a handful of kernels for all the parameters, not a few each.
+        grads = torch._foreach_add([p.grad for p in self.params], self.params, alpha=self.weight_decay)
+        torch._foreach_mul_(self.buffers, momentum)
+        torch._foreach_add_(self.buffers, grads)
+        updates = torch._foreach_mul(self.buffers, momentum)  # Nesterov: lr * (grad + momentum * buf)
+        torch._foreach_add_(updates, grads)
+        torch._foreach_mul_(updates, lr)
+        torch._foreach_sub_(self.params, updates)
 
 
 class GraphedSteps:

@@ -105,18 +105,21 @@ class WithTemperature(Net):
         return super().forward(x) * self.temperature
 
 
-@pytest.mark.parametrize("ema, build", [("0.995", None), ("0", None), ("0.995", lambda args: WithTemperature())],
+@pytest.mark.parametrize("ema, build, weights", [("0.995", None, 1e-4), ("0", None, 1e-4),
+                                                  ("0.995", lambda args: WithTemperature(), 1e-2)],
                          ids=["weight-average", "raw-weights", "scalar-parameter"])
-def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, build):
+def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, build, weights):
     """On the CPU both paths draw the same random numbers in the same order (augmentation, then
     dropout), so two epochs, one augmented and one not, a ragged last batch in each, must agree
     up to float rounding."""
     eager, graph = two_runs(test_tensors, "cpu", "--ema", ema, build=build)
     assert graph.graphed.step_index.item() == 2 * 16
-    # Rounding apart, the same training: the histories are rounded to 4 and 2 decimals, so allow a
-    # last-digit flip and one image of 1,000 either way.
-    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 2e-4, "train_accuracy": 0.11,
-                                        "val_loss": 2e-4, "val_accuracy": 0.11, "weights": 1e-4})
+    # Rounding apart, the same training. torch's SGD and the hand-written one round differently
+    # in the last bit, and 32 steps amplify that: allow 0.1 % of a loss (losses are 0.4 to 2 here)
+    # and two images of 1,000. A learned temperature scales every logit and so every gradient,
+    # which amplifies rounding faster: its weights agree to 1e-2 (1e-3 apart on torch 2.14).
+    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-3, "train_accuracy": 0.21,
+                                        "val_loss": 1e-3, "val_accuracy": 0.21, "weights": weights})
 
 
 def test_warm_up_leaves_no_trace_even_at_the_last_step(test_tensors):
@@ -137,14 +140,19 @@ def test_warm_up_leaves_no_trace_even_at_the_last_step(test_tensors):
 
 
 @cuda
-def test_captured_graphs_train_like_the_eager_loop_on_cuda(test_tensors):
+def test_captured_graphs_train_like_the_eager_loop_on_cuda(test_tensors, monkeypatch):
     """With no randomness inside the step (no augmentation, no dropout), the captured graphs and
-    the eager loop must train the same weights; GPU kernels are not bit-exact, hence the tolerance."""
+    the eager loop must train the same weights. GPU kernels are not bit-exact (atomics in the
+    backward pass; TF32, turned off here, rounds convolutions to 10 bits), and 32 steps at a high
+    learning rate amplify that, hence the tolerance. A step replayed with a stale learning rate or
+    momentum, or not at all, lands far outside it."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     eager, graph = two_runs(test_tensors, "cuda", "--no-augment", "--dropout", "0")
     assert graph.graphed.step_index.item() == 2 * 16
     assert set(graph.graphed.graphs) == {(64, False), (40, False)}
-    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-3, "train_accuracy": 0.2,
-                                        "val_loss": 1e-3, "val_accuracy": 0.2, "weights": 1e-3})
+    assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-2, "train_accuracy": 1.0,
+                                        "val_loss": 1e-2, "val_accuracy": 1.0, "weights": 1e-2})
 
 
 @cuda
@@ -159,8 +167,9 @@ def test_captured_run_with_augmentation_and_dropout_learns(test_tensors):
     steps, losses = graph.graphed, []
     saved = [t.clone() for t in steps._state()]
     for _ in range(2):
-        for t, value in zip(steps._state(), saved):
-            t.copy_(value)
+        with torch.no_grad():
+            for t, value in zip(steps._state(), saved):
+                t.copy_(value)
         steps.graphs[(64, True)].replay()
         losses.append((steps.loss_sum - saved[-2]).item())
     assert losses[0] != losses[1]

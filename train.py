@@ -76,8 +76,10 @@ class WeightAverage:
         self.model = copy.deepcopy(model).requires_grad_(False)
         self.decay, self.steps = decay, 0
         # keep_vars: the tensors themselves, so a deepcopy of (model, average) keeps them paired
-        self.pairs = list(zip(self.model.state_dict(keep_vars=True).values(),
-                              model.state_dict(keep_vars=True).values()))
+        pairs = list(zip(self.model.state_dict(keep_vars=True).values(), model.state_dict(keep_vars=True).values()))
+        self.averages = [a for a, _ in pairs if a.is_floating_point()]
+        self.currents = [c for a, c in pairs if a.is_floating_point()]
+        self.copied = [(a, c) for a, c in pairs if not a.is_floating_point()]  # BatchNorm's batch counter
 
     def decay_at(self, step):
         """The decay at step 1, 2, ...: it warms up to self.decay."""
@@ -89,11 +91,12 @@ class WeightAverage:
         self.steps += 1
         if decay is None:
             decay = self.decay_at(self.steps)
-        for average, current in self.pairs:
-            if average.is_floating_point():
-                average.lerp_(current, 1 - decay)
-            else:
-                average.copy_(current)  # BatchNorm's batch counter
+        if self.averages:  # average += (1 - decay) * (current - average), a few multi-tensor kernels
+            steps = torch._foreach_sub(self.currents, self.averages)
+            torch._foreach_mul_(steps, 1 - decay)  # a float, or a 0-d device tensor a graph reads at replay
+            torch._foreach_add_(self.averages, steps)
+        for average, current in self.copied:
+            average.copy_(current)
 
 
 def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, augmented, average, desc):
@@ -363,24 +366,27 @@ def parse_args(argv=None):
 
 
 def run_seeds(args, device, data):
-    """Trains once per seed; writes seeds.json (no weights) and seeds.png, and prints a table."""
+    """Trains once per seed; rewrites seeds.json (no weights) and seeds.png after each seed, so a
+    run cut short keeps the seeds it finished, and prints a table."""
     from plots import BAR, save_seeds  # matplotlib only when artifacts are written
 
-    rows = []
+    paths = {name: os.path.join(args.out, name) for name in ("seeds.json", "seeds.png")}
+    record = None
     for seed in args.seeds:
         args.seed = seed
         _, metrics = run(args, device, data)
-        rows.append({"seed": seed, **last_epochs(metrics), "params": metrics["params"],
-                     "seconds": metrics["seconds"], "history": metrics["history"]})
-    record = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "schedule", "dropout", "ema", "augment",
-                                      "clean_epochs", "device", "amp", "cuda_graph", "torch_version", "eval_split",
-                                      "holdout")}
-    if device.type == "cuda":
-        record["device_name"] = torch.cuda.get_device_name(device)
-    record["seeds"] = rows
-    paths = {name: os.path.join(args.out, name) for name in ("seeds.json", "seeds.png")}
-    save_json(record, paths["seeds.json"])
-    replace_with(paths["seeds.png"], lambda p: save_seeds([record], p))
+        if record is None:
+            record = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "schedule", "dropout", "ema",
+                                              "augment", "clean_epochs", "device", "amp", "cuda_graph",
+                                              "torch_version", "eval_split", "holdout")}
+            if device.type == "cuda":
+                record["device_name"] = torch.cuda.get_device_name(device)
+            record["seeds"] = []
+        record["seeds"].append({"seed": seed, **last_epochs(metrics), "params": metrics["params"],
+                                "seconds": metrics["seconds"], "history": metrics["history"]})
+        save_json(record, paths["seeds.json"])
+        replace_with(paths["seeds.png"], lambda p: save_seeds([record], p))
+    rows = record["seeds"]
     print(f"\n{metrics['eval_split']} accuracy per seed ({metrics['params']} params, {args.epochs} epochs, {device})")
     print(f"{'seed':>5}{'final':>8}{'min last 3':>12}{'seconds':>9}")
     for r in rows:

@@ -1,0 +1,121 @@
+"""The whole GPU check in one command, for the few minutes a GPU is lent:
+
+    python gpucheck.py --out DIR              # on a CUDA machine: about 8 minutes
+    python gpucheck.py --out DIR --dry-run    # the same steps, tiny and on the CPU, to catch typos first
+
+1. the CUDA tests (test_graphed.py);
+2. `bench.py --compare graph`: eager against captured steps, whole process and training, alternating;
+3. seeds on the test set: 48 of the captured path and 24 of the eager one, each process a
+   `train.py --seeds ...` of its own, all at once (one small net leaves the GPU mostly idle). Each
+   process rewrites its seeds.json after every seed, so a deadline keeps the seeds done by then;
+   the records are merged into DIR/seeds-cuda-graph.json and DIR/seeds-cuda-eager.json;
+4. one summary table.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import train
+from cli import positive, writable_dir
+from plots import BAR
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def step(title, cmd, log, timeout):
+    """Runs cmd, its output to log; returns its exit code (124 when cut off at timeout)."""
+    print(f"== {title}: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(cmd, cwd=HERE, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    print(f"   exit {code} after {time.perf_counter() - start:.0f} s; log {log}", flush=True)
+    return code
+
+
+def seeds(paths, flags, out, deadline):
+    """Trains each path's seeds, all processes at once; returns {path: merged record or None}."""
+    procs = []
+    for path, (seed_list, processes) in paths.items():
+        for k in range(processes):
+            folder = os.path.join(out, "runs", f"{path}-{k}")
+            os.makedirs(folder, exist_ok=True)
+            cmd = [sys.executable, "train.py", "--seeds", *map(str, seed_list[k::processes]), "--out", folder,
+                   *flags[path]]
+            log = open(os.path.join(folder, "log.txt"), "w")
+            procs.append((path, folder, subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT), log))
+    print(f"== seeds: {len(procs)} processes, deadline {deadline} s", flush=True)
+    start = time.perf_counter()
+    for _, _, proc, log in procs:
+        try:
+            proc.wait(timeout=max(1, deadline - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    print(f"   done after {time.perf_counter() - start:.0f} s", flush=True)
+    merged = {}
+    for path in paths:
+        records = []
+        for p, folder, _, _ in procs:
+            if p == path and os.path.exists(os.path.join(folder, "seeds.json")):
+                with open(os.path.join(folder, "seeds.json")) as f:
+                    records.append(json.load(f))
+        if not records:
+            merged[path] = None
+            continue
+        record = {**records[0], "seeds": sorted((s for r in records for s in r["seeds"]), key=lambda s: s["seed"])}
+        train.save_json(record, os.path.join(out, f"seeds-{path}.json"))
+        merged[path] = record
+    return merged
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=writable_dir, required=True, help="directory for the logs and records")
+    p.add_argument("--graph-seeds", type=positive(int), default=48, help="seeds of the captured path")
+    p.add_argument("--eager-seeds", type=positive(int), default=24, help="seeds of the eager path")
+    p.add_argument("--seeds-per-process", type=positive(int), default=4)
+    p.add_argument("--deadline", type=positive(int), default=280, help="seconds for the seeds step")
+    p.add_argument("--dry-run", action="store_true", help="tiny and on the CPU: 1 epoch, no capture, no bench")
+    args = p.parse_args()
+    out = os.path.abspath(args.out)
+    common = ["--device", "cpu", "--epochs", "1"] if args.dry_run else ["--device", "cuda"]
+    flags = {"cuda-graph": common + ([] if args.dry_run else ["--cuda-graph"]), "cuda-eager": common}
+    counts = {"cuda-graph": args.graph_seeds, "cuda-eager": args.eager_seeds}
+    paths = {path: (list(range(1, n + 1)), -(-n // args.seeds_per_process)) for path, n in counts.items()}
+
+    tests = step("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_graphed.py",
+                                "-k", "cuda" if not args.dry_run else "schedule"],
+                 os.path.join(out, "tests.log"), 240)
+    bench = (None if args.dry_run else
+             step("bench", [sys.executable, "bench.py", "--compare", "graph", "--rounds", "2"],
+                  os.path.join(out, "bench.log"), 240))
+    records = seeds(paths, flags, out, args.deadline)
+
+    print(f"\nCUDA tests: exit {tests}" + ("" if bench is None else f"; bench: exit {bench}"))
+    if bench is not None and os.path.exists(os.path.join(out, "bench.log")):
+        with open(os.path.join(out, "bench.log")) as f:
+            print("".join(line for line in f if line.startswith(("|", "captured", "NVIDIA", "H"))), end="")
+    print("\n| path | seeds | hold 99.40 in each of the last 3 | mean min of last 3 (sd) | lowest | mean final "
+          "| mean s/run |\n|---|---:|---:|---:|---:|---:|---:|")
+    for path, record in records.items():
+        if record is None:
+            print(f"| {path} | 0 | | | | | |")
+            continue
+        rows = record["seeds"]
+        lows = [r["min_last_3"] for r in rows]
+        sd = statistics.stdev(lows) if len(lows) > 1 else 0.0
+        print(f"| {path} | {len(rows)} | {sum(low >= BAR for low in lows)} | {statistics.mean(lows):.3f} ({sd:.3f}) "
+              f"| {min(lows):.2f} | {statistics.mean(r['final'] for r in rows):.3f} "
+              f"| {statistics.mean(r['seconds'] for r in rows):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
