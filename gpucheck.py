@@ -21,6 +21,7 @@ import time
 
 import train
 from cli import positive, writable_dir
+from data import DEFAULT_DATA_DIR, DataError, load_mnist
 from plots import BAR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +87,10 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="tiny and on the CPU: 1 epoch, no capture, no bench")
     args = p.parse_args()
     out = os.path.abspath(args.out)
+    try:  # once here, so that the processes find the files extracted, or one line says what is missing
+        load_mnist(DEFAULT_DATA_DIR, train=True, device="cpu")
+    except DataError as e:
+        sys.exit(f"error: {e}")
     common = ["--device", "cpu", "--epochs", "1"] if args.dry_run else ["--device", "cuda"]
     flags = {"cuda-graph": common + ([] if args.dry_run else ["--cuda-graph"]), "cuda-eager": common}
     counts = {"cuda-graph": args.graph_seeds, "cuda-eager": args.eager_seeds}
