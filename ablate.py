@@ -1,7 +1,7 @@
 """Ablations on a held-out split of the training set: each row changes one thing from the defaults.
 
-    python ablate.py                          # every row, seed 1 -> ablation.json and a table
-    python ablate.py --seeds 1 2 --rows default no-augment
+    python ablate.py --out DIR                # every row, seed 1 -> DIR/ablation.json and a table
+    python ablate.py --seeds 1 2 --rows default no-augment --out DIR
 
 Every run trains on the first 50,000 training images and is scored on the last 10,000 (`--holdout`),
 half of them from writers the first 50,000 hardly show, so the test set plays no part in these
@@ -19,19 +19,35 @@ import torch.nn as nn
 
 import train
 from cli import positive, writable_dir
-from model import Net, replace_modules
+from model import Net
 
 HOLDOUT = 10_000
 
 
+def replace_modules(model, kind, make):
+    """Swaps each submodule of type `kind` for make(old), in place, and returns model. A replacement
+    is not searched again, so it may wrap the module it replaces."""
+    for name, child in model.named_children():
+        if isinstance(child, kind):
+            setattr(model, name, make(child))
+        else:
+            replace_modules(child, kind, make)
+    return model
+
+
 def channel_dropout_net(args):
     """Same places, but Dropout2d: each draw drops a whole feature map instead of single pixels."""
-    return replace_modules(Net(dropout=args.dropout), nn.Dropout, lambda d: nn.Dropout2d(d.p))
+    return replace_modules(Net(), nn.Dropout, lambda d: nn.Dropout2d(d.p))
 
 
 def relu_net(args):
     """Same net and initial weights (ReLU has no parameters), with ReLU in place of SiLU."""
-    return replace_modules(Net(dropout=args.dropout), nn.SiLU, lambda _: nn.ReLU())
+    return replace_modules(Net(), nn.SiLU, lambda _: nn.ReLU())
+
+
+def dropout_net(p):
+    """Same net and initial weights, dropout p in the same places."""
+    return lambda args: replace_modules(Net(), nn.Dropout, lambda _: nn.Dropout(p))
 
 
 # key: (what changes, extra train.py flags, model builder or None for the default Net)
@@ -40,7 +56,7 @@ ROWS = {
     "relu": ("ReLU instead of SiLU", [], relu_net),
     "no-ema": ("raw weights instead of their moving average", ["--ema", "0"], None),
     "no-augment": ("no augmentation", ["--no-augment"], None),
-    "dropout-0.10": ("dropout 0.10", ["--dropout", "0.1"], None),
+    "dropout-0.10": ("dropout 0.10", [], dropout_net(0.10)),
     "dropout2d": ("channel dropout (Dropout2d), same places", [], channel_dropout_net),
     "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], None),
     "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], None),
@@ -105,7 +121,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds per row")
     p.add_argument("--jobs", type=positive(int), default=2, help="runs at a time")
     p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
-    p.add_argument("--out", type=writable_dir, default=".", help="directory for ablation.json")
+    p.add_argument("--out", type=writable_dir, required=True,
+                   help="directory for ablation.json (the committed one records an older recipe)")
     args = p.parse_args()
 
     tails = [row for row in args.rows if row in TAIL_ROWS]

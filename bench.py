@@ -1,6 +1,6 @@
 """Side-by-side timings of two ways to train, each a fresh process, alternating, medians reported.
 
-    python bench.py                        # on a CUDA GPU: eager vs captured steps (--cuda-graph)
+    python bench.py                        # on a CUDA GPU: eager (--no-cuda-graph) vs captured steps
     python bench.py --compare dataloader   # the default off CUDA: one CPU epoch vs a DataLoader
     python bench.py --rounds 3
 
@@ -82,8 +82,9 @@ def sides(args, out):
     """{name: command} for the two sides being compared."""
     common = ["--out", out, "--batch-size", str(args.batch_size), "--data-dir", args.data_dir]
     if args.compare == "graph":
-        eager = [sys.executable, train.__file__, "--device", "cuda", *common]
-        return {"eager steps": eager, "captured steps (--cuda-graph)": eager + ["--cuda-graph"]}
+        cuda = [sys.executable, train.__file__, "--device", "cuda", *common]
+        return {"eager steps (--no-cuda-graph)": cuda + ["--no-cuda-graph"],
+                "captured steps (the default)": cuda + ["--cuda-graph"]}
     return {"train.py (data on device)": [sys.executable, train.__file__, "--epochs", "1", "--device", "cpu", *common],
             f"DataLoader ({args.workers} workers)": [sys.executable, __file__, "--baseline", *common,
                                                       "--workers", str(args.workers)]}

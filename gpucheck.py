@@ -92,12 +92,12 @@ def main():
     except DataError as e:
         sys.exit(f"error: {e}")
     common = ["--device", "cpu", "--epochs", "1"] if args.dry_run else ["--device", "cuda"]
-    flags = {"cuda-graph": common + ([] if args.dry_run else ["--cuda-graph"]), "cuda-eager": common}
+    flags = {"cuda-graph": common + ([] if args.dry_run else ["--cuda-graph"]), "cuda-eager": common + ["--no-cuda-graph"]}
     counts = {"cuda-graph": args.graph_seeds, "cuda-eager": args.eager_seeds}
     paths = {path: (list(range(1, n + 1)), -(-n // args.seeds_per_process)) for path, n in counts.items()}
 
     tests = step("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_graphed.py",
-                                "-k", "cuda" if not args.dry_run else "schedule"],
+                                "-k", "on_cuda" if not args.dry_run else "schedule"],
                  os.path.join(out, "tests.log"), 240)
     bench = (None if args.dry_run else
              step("bench", [sys.executable, "bench.py", "--compare", "graph", "--rounds", "2"],

@@ -31,6 +31,10 @@ from data import to_float
 WARM_UP_STEPS = 3  # eager steps before a capture, so cuDNN and the allocator settle; then undone
 
 
+class CaptureError(Exception):
+    """The step ran eagerly but could not be captured as a CUDA graph."""
+
+
 def schedule(optimizer, scheduler, steps):
     """([lr], [momentum]) of optimizer's first group before each of `steps` steps, as scheduler sets
     them. Steps both: pass throwaway ones (an optimizer over a dummy parameter)."""
@@ -144,10 +148,15 @@ class GraphedSteps:
         """The graph of one step with this batch size and augmentation, captured on first use."""
         key = (batch_size, augmented)
         if key not in self.graphs:
-            self._warm_up(batch_size, augmented)
+            self._warm_up(batch_size, augmented)  # an error in the model's own code surfaces here, eagerly
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._step(batch_size, augmented)
+            try:
+                with torch.cuda.graph(graph):
+                    self._step(batch_size, augmented)
+            except Exception as e:
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise CaptureError(f"the training step could not be captured as a CUDA graph "
+                                   f"({type(e).__name__}: {reason})") from e
             self.graphs[key] = graph
         return self.graphs[key]
 

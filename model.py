@@ -1,12 +1,16 @@
 """A tiny CNN for MNIST: BatchNorm, Dropout, global average pooling, no fully-connected layer.
 
-    python model.py        # prints the layer table and the receptive-field table (summary.py)
+    python summary.py      # prints this Net's layer table and receptive-field table
 
-Input: (N, 1, 28, 28) floats in [0, 1], as ToTensor gives. Output: (N, 10) logits.
+This is the file to rewrite. train.py and the gate build `Net()` with no arguments and feed it
+(N, 1, 28, 28) floats in [0, 1], as ToTensor gives, with no Normalize in front: a model that wants
+normalised inputs normalises them itself, as this one does first thing in forward. The output is
+(N, 10): logits, as here, or log-probabilities (F.log_softmax); train.py's loss takes either.
 """
 import torch.nn as nn
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # training-set pixel statistics
+DROPOUT = 0.05  # after conv3, conv4 and conv5
 
 
 def conv_block(c_in, c_out, dropout=0.0):
@@ -22,7 +26,7 @@ def conv_block(c_in, c_out, dropout=0.0):
 
 
 class Net(nn.Module):
-    def __init__(self, dropout=0.05):
+    def __init__(self, dropout=DROPOUT):
         super().__init__()
         # Strokes and edges at full resolution: 8 channels keep these big maps cheap.
         self.conv1 = conv_block(1, 8)
@@ -48,24 +52,3 @@ class Net(nn.Module):
         x = self.head(x)               # (N, 10, 4, 4)    RF 22
         x = self.gap(x)                # (N, 10, 1, 1)    RF 28: every logit sees the whole image
         return x.flatten(1)            # (N, 10) logits
-
-
-def replace_modules(model, kind, make=nn.Identity):
-    """Swaps each submodule of type `kind` for make(old), in place, and returns model. A replacement
-    is not searched again, so it may wrap the module it replaces."""
-    for name, child in model.named_children():
-        if isinstance(child, kind):
-            setattr(model, name, make(child))
-        else:
-            replace_modules(child, kind, make)
-    return model
-
-
-def main():
-    from summary import print_tables  # the gate's own measuring tools, kept apart from this file
-
-    print_tables(Net())
-
-
-if __name__ == "__main__":
-    main()

@@ -1,16 +1,30 @@
-"""What a model is made of: the numbers it carries, its layers in the order forward runs them, and
-its receptive field. The gate measures models with these, so they live apart from model.py, the file
-a student edits: a count defined there could be edited to lie.
+"""What a model is made of: the numbers it carries, the torch operations its forward pass runs, its
+layers and its receptive field. The gate measures models with these, so they live apart from
+model.py, the file a student edits: a count defined there could be edited to lie.
 
-    python summary.py      # the layer and receptive-field tables of model.py's Net (so does model.py)
+    python summary.py      # the layer and receptive-field tables of model.py's Net
+
+How the gate sees what forward runs (torch_calls): a TorchFunctionMode is active for one forward
+pass and records each torch function and tensor method that the model's code calls, with its
+arguments and result. A module and its functional form land on the same record: nn.Dropout calls
+F.dropout, nn.BatchNorm2d calls F.batch_norm, nn.AdaptiveAvgPool2d calls F.adaptive_avg_pool2d,
+nn.Linear calls F.linear. Only the outermost call is recorded, not what torch runs inside it.
+
+What it cannot see: work done outside torch (numpy, Python arithmetic on lists), a TorchScript
+module, a custom autograd Function's or C++ extension's insides, and branches of forward that the
+traced batch does not take. It recognises only the usual spellings of an operation: a global
+average pool written as x.sum((2, 3)) / 36 is not recognised as one, and is refused.
 """
 import copy
+import inspect
 import sys
 import types
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 # By convention not parameters: BatchNorm's running statistics are computed, not learned. They
 # are let off only beside the affine weights they normalise for, one of each per channel.
@@ -28,6 +42,19 @@ def _arrays_in(value, depth=3):
         items = value.values() if isinstance(value, dict) else value
         return [t for item in items for t in _arrays_in(item, depth - 1)]
     return []
+
+
+def buildable(cls):
+    """None if cls() can be called with no arguments, else a one-line reason. train.py and the gate
+    build model.py's Net() so; an error raised inside Net.__init__ is the student's, with its traceback."""
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as e:
+        return (f"model.py's Net() must build with no arguments ({e}): give each argument of Net.__init__ "
+                "a default")
+    except ValueError:  # no signature to read: let the call itself say
+        pass
+    return None
 
 
 def size(array):
@@ -114,6 +141,41 @@ def count_params(model):
     with torch.no_grad():
         model(torch.zeros(1, 1, 28, 28, device=device))
     return sum(size(t) for t in carried_tensors(model).values())
+
+
+class Call(NamedTuple):
+    """One torch function or tensor method that forward called, e.g. name "dropout" for F.dropout."""
+    name: str
+    args: tuple
+    kwargs: dict
+    out: object
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # the mode is off inside: what func calls is not recorded
+        self.calls.append(Call(getattr(func, "__name__", str(func)).strip("_"), args, kwargs, out))  # a @ b: "matmul"
+        return out
+
+
+@torch.no_grad()
+def torch_calls(model, x):
+    """Runs model(x); returns ([Call] in the order forward made them, the model's output)."""
+    with _Recorder() as recorder:
+        out = model(x)
+    return recorder.calls, out
+
+
+def argument(call, position, name, default=None):
+    """An argument of a recorded call, whether it was passed by position or by name."""
+    if name in call.kwargs:
+        return call.kwargs[name]
+    return call.args[position] if len(call.args) > position else default
 
 
 @torch.no_grad()

@@ -1,9 +1,15 @@
-"""train.py beyond the gate: a forked run, which ablate.py's paired rows rely on."""
+"""train.py beyond the gate: it trains any Net a student writes, a forked run equals the full run
+(which ablate.py's paired rows rely on), and the same weights give the same model.pt."""
 import copy
+import hashlib
 
+import pytest
 import torch
 
+import graphed
 import train
+from model import Net
+from test_rules import ACCEPTED
 
 
 def without_times(history):
@@ -27,3 +33,43 @@ def test_a_forked_run_is_the_full_run(test_tensors):
         train.train_epochs(branch, args, data, args.epochs)
         assert without_times(branch.history) == whole[clean]
     assert whole[0][-1] != whole[1][-1]  # the last epoch did differ
+
+
+@pytest.mark.parametrize("model", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_train_py_trains_every_accepted_form(test_tensors, model):
+    """Logits or log-probabilities, modules or functions: one epoch on 512 images lowers the loss."""
+    images, labels = test_tensors
+    data = (images[:512], labels[:512], images[512:1024], labels[512:1024], "val")
+    args = train.parse_args(["--epochs", "2", "--batch-size", "64", "--clean-epochs", "0"])
+    _, metrics = train.run(args, torch.device("cpu"), data, build=lambda args: model())
+    first, last = metrics["history"][0], metrics["history"][-1]
+    assert last["train_loss"] < first["train_loss"] and last["val_accuracy"] > 10
+
+
+def test_a_step_that_cannot_be_captured_trains_eagerly(test_tensors, monkeypatch, capsys):
+    """If a model's step cannot be captured as a CUDA graph, the run starts again with the eager loop
+    (on the CPU the capture is stood in for by an error at the first captured epoch)."""
+    def capture_fails(self, augmented, desc=None):
+        raise graphed.CaptureError("the training step could not be captured as a CUDA graph (stand-in)")
+
+    monkeypatch.setattr(graphed.GraphedSteps, "epoch", capture_fails)
+    images, labels = test_tensors
+    data = (images[:256], labels[:256], images[256:512], labels[256:512], "val")
+    args = train.parse_args(["--epochs", "1", "--batch-size", "64"])
+    args.cuda_graph = True
+    _, metrics = train.run(args, torch.device("cpu"), data)
+    assert metrics["cuda_graph"] is False and len(metrics["history"]) == 1
+    assert "training with the eager loop instead" in capsys.readouterr().err
+
+
+def test_the_same_weights_give_the_same_model_file(tmp_path):
+    """torch.save into a file names the archive after the file; train.py saves through a buffer, so
+    two saves of the same weights are the same bytes (the slow test trains twice and compares)."""
+    weights = {1: Net().state_dict()}
+    history = [{"epoch": 1, "train_loss": 0.1, "train_accuracy": 97.0, "test_loss": 0.05, "test_accuracy": 99.0}]
+    digests = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        train.save_artifacts(str(tmp_path / run), weights, {"history": history}, config={"seed": 1})
+        digests.append(hashlib.sha256((tmp_path / run / "model.pt").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

@@ -1,0 +1,464 @@
+"""The assignment's rules as examples: each way of writing a model that the gate accepts, and each
+way it refuses, with the message a student sees. The rules themselves are set at the top of
+test_model.py; check_architecture applies them to model.py's Net exactly as to these.
+
+The accepted models are written the ways this course's students write them: modules or functional
+calls, logits or log_softmax, and optionally a fully-connected layer after the global average pool.
+"""
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import test_model
+from summary import count_params
+from test_model import check_architecture
+
+
+def block(c_in, c_out, dropout=0.05, padding=0, bias=False):
+    """3x3 conv -> BatchNorm -> ReLU -> Dropout, the course's usual block."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=padding, bias=bias), nn.BatchNorm2d(c_out), nn.ReLU(),
+                         nn.Dropout(dropout))
+
+
+def trunk(width=16):
+    """(N, 1, 28, 28) -> (N, width, 8, 8): every position of the output sees a 16x16 window, so a
+    global average pool over it sees all 784 pixels."""
+    return nn.Sequential(block(1, 8), block(8, width), nn.MaxPool2d(2), block(width, width), block(width, width))
+
+
+# --- accepted ------------------------------------------------------------------------------------
+
+class ModuleGap(nn.Module):
+    """Modules only, as model.py's Net: a 1x1 conv to 10 maps, nn.AdaptiveAvgPool2d, flattened logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.to_classes, self.gap = trunk(), nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.gap(self.to_classes(self.features(x))).flatten(1)
+
+
+class FunctionalGapLogSoftmax(nn.Module):
+    """The seed's layout: F.adaptive_avg_pool2d, x.view(-1, 10), F.log_softmax (trained with nll_loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.to_classes = trunk(), nn.Conv2d(16, 10, 1)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.to_classes(self.features(x)), 1)
+        return F.log_softmax(x.view(-1, 10), dim=1)
+
+
+class GapThenLinear(nn.Module):
+    """Global average pool, then the optional fully-connected layer: nn.Linear(16, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.gap, self.fc = trunk(), nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return F.log_softmax(self.fc(self.gap(self.features(x)).view(-1, 16)), dim=1)
+
+
+class AvgPoolKernel(nn.Module):
+    """nn.AvgPool2d(kernel_size=8) over the last 8x8 map, then view and log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.to_classes, self.gap = trunk(), nn.Conv2d(16, 10, 1), nn.AvgPool2d(kernel_size=8)
+
+    def forward(self, x):
+        return F.log_softmax(self.gap(self.to_classes(self.features(x))).view(-1, 10), dim=-1)
+
+
+class FunctionalDropoutMean(nn.Module):
+    """Functional ReLU and dropout, F.dropout(x, p, training=self.training); the pool as x.mean((2, 3))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, bias=False), nn.BatchNorm2d(16)
+        self.conv3, self.bn3 = nn.Conv2d(16, 16, 3, bias=False), nn.BatchNorm2d(16)
+        self.conv4 = nn.Conv2d(16, 10, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.dropout(F.relu(self.bn3(self.conv3(x))), 0.05, training=self.training)
+        return self.conv4(x).mean((2, 3))
+
+
+class PaddedConvAfterGap(nn.Module):
+    """Padded convs with bias, BatchNorm after ReLU, a max-pool and 1x1 transition; after the pool,
+    a 1x1 conv on the pooled map classifies it."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8), nn.Dropout(0.05),     # 28
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(16), nn.Dropout(0.05),   # 28
+            nn.MaxPool2d(2), nn.Conv2d(16, 8, 1),                                               # 14
+            nn.Conv2d(8, 16, 3), nn.ReLU(), nn.BatchNorm2d(16), nn.Dropout(0.05),               # 12
+            nn.Conv2d(16, 16, 3), nn.ReLU(), nn.BatchNorm2d(16), nn.Dropout(0.05),              # 10
+        )
+        self.gap, self.classifier = nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 10, 1)
+
+    def forward(self, x):
+        return F.log_softmax(self.classifier(self.gap(self.features(x))).view(-1, 10), dim=1)
+
+
+class FlattenThenDropout(nn.Module):
+    """nn.Flatten after the pool, then nn.Dropout on the pooled vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(trunk(), nn.Conv2d(16, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                    nn.Dropout(0.1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class ChannelDropoutFunctionalBatchNorm(nn.Module):
+    """nn.Dropout2d as the only dropout, and F.batch_norm with the model's own weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 12, 5, stride=2, padding=1), nn.Conv2d(12, 10, 3)
+        self.weight, self.bias = nn.Parameter(torch.ones(12)), nn.Parameter(torch.zeros(12))
+        self.register_buffer("mean", torch.zeros(12))
+        self.register_buffer("var", torch.ones(12))
+        self.drop = nn.Dropout2d(0.1)
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv1(x), self.mean, self.var, self.weight, self.bias, training=self.training)
+        return F.adaptive_avg_pool2d(self.conv2(self.drop(F.relu(x))), (1, 1)).squeeze(-1).squeeze(-1)
+
+
+class JustUnderTheLimit(ModuleGap):
+    """7,999 numbers: fewer than 8,000 is the rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Parameter(torch.zeros(7_999 - count_params(ModuleGap())))
+
+
+ACCEPTED = {
+    "modules-gap-logits": ModuleGap,
+    "functional-gap-log-softmax": FunctionalGapLogSoftmax,
+    "gap-then-linear": GapThenLinear,
+    "avgpool-kernel-view-log-softmax": AvgPoolKernel,
+    "functional-dropout-mean": FunctionalDropoutMean,
+    "padded-bias-conv1x1-after-gap": PaddedConvAfterGap,
+    "flatten-then-dropout": FlattenThenDropout,
+    "dropout2d-functional-batchnorm": ChannelDropoutFunctionalBatchNorm,
+    "7999-numbers": JustUnderTheLimit,
+}
+
+
+@pytest.mark.parametrize("model", ACCEPTED.values(), ids=ACCEPTED.keys())
+def test_gate_accepts(model):
+    check_architecture(model())
+
+
+# --- refused: the required parts ------------------------------------------------------------------
+
+class Variant(ModuleGap):
+    """ModuleGap with its forward written out, so each refused variant changes one line of it."""
+
+    def forward(self, x):
+        return self.head(self.to_classes(self.features(x)))
+
+    def head(self, x):
+        return self.gap(x).flatten(1)
+
+
+def without(kind, replacement=nn.Identity):
+    """ModuleGap with each `kind` module swapped for replacement(module)."""
+    model = ModuleGap()
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, kind):
+                setattr(parent, name, replacement(child))
+    return model
+
+
+class BatchNormNotCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)  # defined, never called
+        self.convs = nn.Sequential(nn.Conv2d(1, 8, 5, 2), nn.ReLU(), nn.Dropout(0.1), nn.Conv2d(8, 10, 3))
+
+    def forward(self, x):
+        return self.convs(x).mean((2, 3))
+
+
+class DropoutNotInTraining(FunctionalDropoutMean):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.dropout(F.relu(self.bn3(self.conv3(x))), 0.05, training=False)
+        return self.conv4(x).mean((2, 3))
+
+
+class DownTo1x1ThenPool(Variant):
+    """Convolutions down to a 1x1 map (strides), then an average pool that has nothing left to average."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_classes = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2), nn.Conv2d(16, 10, 3))  # 8 -> 3 -> 1
+
+
+class GlobalMaxPool(Variant):
+    def head(self, x):
+        return F.adaptive_max_pool2d(x, 1).flatten(1)
+
+
+class FlattenIntoLinear(Variant):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10 * 8 * 8, 10)
+
+    def head(self, x):
+        return self.fc(x.flatten(1))
+
+
+class CropsTheBorder(Variant):
+    """Blanks a 2-pixel border before the convs: a layer table would still read a full receptive field."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x[:, :, 2:-2, 2:-2], (2, 2, 2, 2)))
+
+
+class PoolWindowTooSmall(Variant):
+    def head(self, x):
+        return F.avg_pool2d(x, 6, stride=8).flatten(1)  # 6x6 of the 8x8 map: two rows and columns never pooled
+
+
+# --- refused: what follows the pool -------------------------------------------------------------
+
+class ReluAfterPool(Variant):
+    def head(self, x):
+        return F.relu(self.gap(x).flatten(1))
+
+
+class BatchNormAfterPool(Variant):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(10)
+
+    def head(self, x):
+        return self.bn(self.gap(x).flatten(1))
+
+
+class MatrixAfterPool(Variant):
+    """A fully-connected layer in disguise: no nn.Linear, but a 10x10 matrix on the pooled vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mix", torch.randn(10, 10))
+
+    def head(self, x):
+        return self.gap(x).flatten(1) @ self.mix
+
+
+class TwoLinearsAfterPool(Variant):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 10), nn.Linear(10, 10)
+
+    def head(self, x):
+        return self.fc2(self.fc1(self.gap(x).flatten(1)))
+
+
+class WideConvAfterPool(Variant):
+    """A 3x3 conv (padding 1) on the pooled 1x1 map: 9x the numbers of a 1x1 conv for the same job."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Conv2d(10, 10, 3, padding=1)
+
+    def head(self, x):
+        return self.classifier(self.gap(x)).flatten(1)
+
+
+class LinearBeforePool(Variant):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)  # mixes each row of every map, before the pool
+
+    def head(self, x):
+        return self.gap(self.fc(x)).flatten(1)
+
+
+class OutputBesideThePool(Variant):
+    """Runs the pool, but returns logits computed without it."""
+
+    def head(self, x):
+        logits = x[:, :, 0, 0] + x[:, :, -1, -1]
+        self.gap(x)
+        return logits
+
+
+class ElevenOutputs(Variant):
+    def head(self, x):
+        return F.pad(self.gap(x).flatten(1), (0, 1))
+
+
+class OverTheLimit(ModuleGap):
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Parameter(torch.zeros(8_000 - count_params(ModuleGap())))
+
+
+REFUSED = {
+    "batchnorm-defined-not-called": (BatchNormNotCalled, "no BatchNorm ran"),
+    "groupnorm-for-batchnorm": (lambda: without(nn.BatchNorm2d, lambda bn: nn.GroupNorm(2, bn.num_features)),
+                                "no BatchNorm ran"),
+    "dropout-p-0": (lambda: without(nn.Dropout, lambda d: nn.Dropout(0.0)), "no Dropout with p > 0"),
+    "dropout-training-false": (DropoutNotInTraining, "no Dropout with p > 0"),
+    "pool-on-1x1": (DownTo1x1ThenPool, "larger than 1x1"),
+    "global-max-pool": (GlobalMaxPool, "no global average pooling"),
+    "flatten-into-linear": (FlattenIntoLinear, "no global average pooling"),
+    "pool-window-smaller-than-map": (PoolWindowTooSmall, "no global average pooling"),
+    "crops-the-border": (CropsTheBorder, "logit 0 ignores 208 of the 784 input pixels"),
+    "relu-after-pool": (ReluAfterPool, "`relu` runs after the global average pool"),
+    "batchnorm-after-pool": (BatchNormAfterPool, "`batch_norm` runs after the global average pool"),
+    "matrix-after-pool": (MatrixAfterPool, "`matmul` runs after the global average pool"),
+    "two-linears-after-pool": (TwoLinearsAfterPool, "2 layers run after the global average pool"),
+    "3x3-conv-after-pool": (WideConvAfterPool, "a 3x3 conv runs after the global average pool"),
+    "linear-before-pool": (LinearBeforePool, "nn.Linear runs before the global average pool"),
+    "output-beside-the-pool": (OutputBesideThePool, "the output does not come from the global average pool"),
+    "eleven-outputs": (ElevenOutputs, r"expected \(4, 10\)"),
+    "8000-numbers": (OverTheLimit, "8,000 parameters and other carried numbers; the rule is fewer than 8,000"),
+}
+
+
+@pytest.mark.parametrize("model, message", REFUSED.values(), ids=REFUSED.keys())
+def test_gate_refuses(model, message):
+    with pytest.raises(AssertionError, match=message):
+        check_architecture(model())
+
+
+def test_a_course_can_switch_the_classifier_off(monkeypatch):
+    monkeypatch.setattr(test_model, "CLASSIFIER_AFTER_GAP", False)
+    with pytest.raises(AssertionError, match="`linear` runs after the global average pool: these rules allow no"):
+        check_architecture(GapThenLinear())
+    check_architecture(FunctionalGapLogSoftmax())  # no classifier: still fine
+
+
+# --- refused: numbers hidden outside the parameters -------------------------------------------------
+
+class WithBuffer(Variant):
+    """A 9,000-number table read by forward, stored as a buffer instead of a parameter."""
+
+    def __init__(self, persistent=True):
+        super().__init__()
+        self.register_buffer("bank", torch.zeros(9_000), persistent=persistent)
+
+    def forward(self, x):
+        return super().forward(x + self.bank[0])
+
+
+class WithPlainTensor(Variant):
+    """The same table kept as a plain attribute: not a parameter, not a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank = [torch.zeros(9_000)]
+
+    def forward(self, x):
+        return super().forward(x + self.bank[0][0])
+
+
+class GrowsInForward(Variant):
+    """Registers its table during the first forward pass, after any count taken at construction."""
+
+    def forward(self, x):
+        if not hasattr(self, "bank"):
+            self.register_buffer("bank", torch.zeros(9_000, device=x.device))
+        return super().forward(x + self.bank[0])
+
+
+class BatchNormTable(Variant):
+    """The table as the running mean of a BatchNorm without weights: statistics by name only."""
+
+    def __init__(self):
+        super().__init__()
+        self.bank = nn.BatchNorm1d(9_000, affine=False)
+
+    def forward(self, x):
+        return super().forward(x + self.bank.running_mean[0])
+
+
+class WithClassTable(Variant):
+    BANK = torch.zeros(9_000)
+
+
+class InheritsTable(WithClassTable):
+    """The table on a base class, not on the class the model is."""
+
+    def forward(self, x):
+        return super().forward(x + self.BANK[0])
+
+
+class WithDefaultArgument(Variant):
+    """The table as a default value of forward's arguments."""
+
+    def forward(self, x, bank=torch.zeros(9_000)):
+        return super().forward(x + bank[0])
+
+
+@pytest.mark.parametrize("model, message", [
+    (WithBuffer, "bank 9,000"),
+    (lambda: WithBuffer(persistent=False), "bank 9,000"),
+    (WithPlainTensor, "bank 9,000"),
+    (GrowsInForward, "bank 9,000"),
+    (BatchNormTable, "bank.running_mean 9,000"),
+    (InheritsTable, "WithClassTable.BANK 9,000"),
+    (WithDefaultArgument, "WithDefaultArgument.forward defaults 9,000"),
+], ids=["buffer", "non-persistent-buffer", "plain-attribute", "registered-in-forward", "batchnorm-statistics",
+        "base-class-attribute", "default-argument"])
+def test_gate_counts_every_number_carried(model, message):
+    with pytest.raises(AssertionError, match=message):
+        check_architecture(model())
+
+
+@pytest.mark.parametrize("bank", [torch.zeros(9_000), np.zeros(9_000, dtype=np.float32)], ids=["tensor", "numpy"])
+def test_gate_counts_a_table_at_the_top_of_the_model_file(monkeypatch, bank):
+    """A table at the top level of the file that defines the model, read by forward: outside the
+    module tree, but carried all the same."""
+    student_file = types.ModuleType("student_model")
+    student_file.BANK = bank
+
+    class WithTopLevelTensor(Variant):
+        def forward(self, x):
+            return super().forward(x + float(student_file.BANK[0]))
+
+    WithTopLevelTensor.__module__ = student_file.__name__
+    monkeypatch.setitem(sys.modules, student_file.__name__, student_file)
+    with pytest.raises(AssertionError, match="student_model.BANK 9,000"):
+        check_architecture(WithTopLevelTensor())
+
+
+class GrowsSmall(ModuleGap):
+    """Registers a small buffer in its first forward pass, as a lazily built layer would."""
+
+    def forward(self, x):
+        if not hasattr(self, "scale"):
+            self.register_buffer("scale", torch.ones(10, device=x.device))
+        return super().forward(x) * self.scale
+
+
+def test_size_is_the_same_before_and_after_training():
+    """train.py counts the trained model, the gate a fresh one: both must count what forward adds."""
+    trained = GrowsSmall()
+    trained(torch.zeros(2, 1, 28, 28))
+    assert count_params(GrowsSmall()) == count_params(trained) == count_params(ModuleGap()) + 10
