@@ -6,9 +6,11 @@
 1. the CUDA tests (test_graphed.py);
 2. `bench.py --compare graph`: eager against captured steps, whole process and training, alternating;
 3. seeds on the test set: 48 of the captured path and 24 of the eager one, each process a
-   `train.py --seeds ...` of its own, all at once (one small net leaves the GPU mostly idle). Each
-   process rewrites its seeds.json after every seed, so a deadline keeps the seeds done by then;
-   the records are merged into DIR/seeds-cuda-graph.json and DIR/seeds-cuda-eager.json;
+   `train.py --seeds ...` of its own, 12 seeds a process, all processes at once. Few processes:
+   24 at once on one H200 time-sliced the GPU so that a captured run took 95-163 s instead of about
+   7 s of training alone. Each process rewrites its seeds.json after every seed, so a deadline keeps
+   the seeds done by then; the records are merged into DIR/seeds-cuda-graph.json and
+   DIR/seeds-cuda-eager.json;
 4. one summary table.
 """
 import argparse
@@ -82,7 +84,7 @@ def main():
     p.add_argument("--out", type=writable_dir, required=True, help="directory for the logs and records")
     p.add_argument("--graph-seeds", type=positive(int), default=48, help="seeds of the captured path")
     p.add_argument("--eager-seeds", type=positive(int), default=24, help="seeds of the eager path")
-    p.add_argument("--seeds-per-process", type=positive(int), default=4)
+    p.add_argument("--seeds-per-process", type=positive(int), default=12)
     p.add_argument("--deadline", type=positive(int), default=280, help="seconds for the seeds step")
     p.add_argument("--dry-run", action="store_true", help="tiny and on the CPU: 1 epoch, no capture, no bench")
     args = p.parse_args()
@@ -92,7 +94,8 @@ def main():
     except DataError as e:
         sys.exit(f"error: {e}")
     common = ["--device", "cpu", "--epochs", "1"] if args.dry_run else ["--device", "cuda"]
-    flags = {"cuda-graph": common + ([] if args.dry_run else ["--cuda-graph"]), "cuda-eager": common + ["--no-cuda-graph"]}
+    flags = {"cuda-graph": common + ([] if args.dry_run else ["--cuda-graph"]),
+             "cuda-eager": common + ["--no-cuda-graph"]}
     counts = {"cuda-graph": args.graph_seeds, "cuda-eager": args.eager_seeds}
     paths = {path: (list(range(1, n + 1)), -(-n // args.seeds_per_process)) for path, n in counts.items()}
 

@@ -379,7 +379,7 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each training step from a captured CUDA graph (graphed.py): the default on CUDA, "
-                        "3.7x faster than the eager loop on an H200; --no-cuda-graph runs the eager loop")
+                        "3.8x faster than the eager loop on an H200; --no-cuda-graph runs the eager loop")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
     p.add_argument("--out", type=writable_dir, default=HERE,
