@@ -9,8 +9,8 @@
    `train.py --seeds ...` of its own, 12 seeds a process, all processes at once. Few processes:
    24 at once on one H200 time-sliced the GPU so that a captured run took 95-163 s instead of about
    7 s of training alone. Each process rewrites its seeds.json after every seed, so a deadline keeps
-   the seeds done by then; the records are merged into DIR/seeds-cuda-graph.json and
-   DIR/seeds-cuda-eager.json;
+   the seeds done by then; the records are merged into DIR/seeds-cuda.json (captured, the default
+   on CUDA) and DIR/seeds-cuda-eager.json, the names of the committed records;
 4. one summary table.
 """
 import argparse
@@ -27,6 +27,7 @@ from data import DEFAULT_DATA_DIR, DataError, load_mnist
 from plots import BAR
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RECORDS = {"cuda-graph": "seeds-cuda.json", "cuda-eager": "seeds-cuda-eager.json"}
 
 
 def step(title, cmd, log, timeout):
@@ -74,7 +75,7 @@ def seeds(paths, flags, out, deadline):
             merged[path] = None
             continue
         record = {**records[0], "seeds": sorted((s for r in records for s in r["seeds"]), key=lambda s: s["seed"])}
-        train.save_json(record, os.path.join(out, f"seeds-{path}.json"))
+        train.save_json(record, os.path.join(out, RECORDS[path]))
         merged[path] = record
     return merged
 
@@ -82,12 +83,15 @@ def seeds(paths, flags, out, deadline):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=writable_dir, required=True, help="directory for the logs and records")
-    p.add_argument("--graph-seeds", type=positive(int), default=48, help="seeds of the captured path")
-    p.add_argument("--eager-seeds", type=positive(int), default=24, help="seeds of the eager path")
+    p.add_argument("--graph-seeds", type=positive(int), help="seeds of the captured path (48; dry run 2)")
+    p.add_argument("--eager-seeds", type=positive(int), help="seeds of the eager path (24; dry run 1)")
     p.add_argument("--seeds-per-process", type=positive(int), default=12)
     p.add_argument("--deadline", type=positive(int), default=280, help="seconds for the seeds step")
-    p.add_argument("--dry-run", action="store_true", help="tiny and on the CPU: 1 epoch, no capture, no bench")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny and on the CPU: 3 seeds of 1 epoch, no capture, no bench")
     args = p.parse_args()
+    args.graph_seeds = args.graph_seeds or (2 if args.dry_run else 48)
+    args.eager_seeds = args.eager_seeds or (1 if args.dry_run else 24)
     out = os.path.abspath(args.out)
     try:  # once here, so that the processes find the files extracted, or one line says what is missing
         load_mnist(DEFAULT_DATA_DIR, train=True, device="cpu")

@@ -26,7 +26,7 @@ def conv_block(c_in, c_out, dropout=0.0):
 
 
 class Net(nn.Module):
-    def __init__(self, dropout=DROPOUT):
+    def __init__(self):
         super().__init__()
         # Strokes and edges at full resolution: 8 channels keep these big maps cheap.
         self.conv1 = conv_block(1, 8)
@@ -35,9 +35,9 @@ class Net(nn.Module):
         # Digit parts on small maps, where a parameter costs 6-16x less compute. 13 channels
         # is the widest that fits under 6,000 parameters. Per-pixel dropout only here: on these
         # few activations it is cheap, and it is gentler than dropping whole maps.
-        self.conv3 = conv_block(8, 13, dropout)
-        self.conv4 = conv_block(13, 13, dropout)
-        self.conv5 = conv_block(13, 13, dropout)
+        self.conv3 = conv_block(8, 13, DROPOUT)
+        self.conv4 = conv_block(13, 13, DROPOUT)
+        self.conv5 = conv_block(13, 13, DROPOUT)
         self.head = nn.Conv2d(13, 10, 3, bias=False)  # one 4x4 evidence map per class
         self.gap = nn.AdaptiveAvgPool2d(1)
 

@@ -36,8 +36,9 @@ def _arrays_in(value, depth=3):
     list, tuple, set or dict holds (three levels deep)."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return [value]
-    if isinstance(value, nn.Module):
-        return [*value.parameters(), *value.buffers()]
+    if isinstance(value, nn.Module):  # BatchNorm's statistics are let off here as in the module tree
+        return [*value.parameters(), *(b for m in value.modules() for name, b in m.named_buffers(recurse=False)
+                                       if not _exempt(m, name, b))]
     if depth and isinstance(value, (list, tuple, set, frozenset, dict)):
         items = value.values() if isinstance(value, dict) else value
         return [t for item in items for t in _arrays_in(item, depth - 1)]
@@ -128,7 +129,9 @@ def carried_tensors(model):
             add(f"{where} closure", [_contents(cell) for cell in function.__closure__ or ()])
         source = sys.modules.get(cls.__module__)
         for attr, value in (vars(source).items() if source else ()):
-            if not isinstance(value, type):  # a class is looked at only if it is one of the model's
+            # A class is looked at only if it is one of the model's; an instance of one of them (a
+            # notebook-style `model = Net()` at the top of the file) is another copy, not a table.
+            if not isinstance(value, (type, *own_classes)):
                 add(f"{cls.__module__}.{attr}", value)
     return found
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import train
 from cli import positive, writable_dir
 from data import DataError, augment, to_float
+from test_model import MIN_ACCURACY
 
 HOLDOUT = 10_000
 MEAN, STD = 0.1307, 0.3081
@@ -138,7 +139,7 @@ def summary_row(record):
     mean = sum(lows) / len(lows)
     sd = (sum((v - mean) ** 2 for v in lows) / (len(lows) - 1)) ** 0.5 if len(lows) > 1 else 0.0
     return (f"| {record['candidate']} | {record['params']:,} | {len(lows)} | {sum(finals) / len(finals):.3f} | "
-            f"{mean:.3f} | {sd:.3f} | {sum(v >= 99.40 for v in lows)} | {record['seconds']:.0f} |")
+            f"{mean:.3f} | {sd:.3f} | {sum(v >= MIN_ACCURACY for v in lows)} | {record['seconds']:.0f} |")
 
 
 def main():

@@ -184,3 +184,23 @@ def test_captured_run_with_augmentation_and_dropout_learns_on_cuda(test_tensors)
         steps.graphs[(64, True)].replay()
         losses.append((steps.loss_sum - saved[-2]).item())
     assert losses[0] != losses[1]
+
+
+class ReadsBack(Net):
+    """Reads a value back to Python in forward: runs eagerly, but cannot be captured as a graph."""
+
+    def forward(self, x):
+        if x.sum().item() >= 0:
+            return super().forward(x)
+        raise ValueError("pixels are never negative")
+
+
+@cuda
+def test_a_step_that_cannot_be_captured_trains_eagerly_on_cuda(test_tensors, capsys):
+    """The capture fails for real; train.run says so in one line and trains the model eagerly."""
+    images, labels = (t.to("cuda") for t in test_tensors)
+    data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")
+    _, metrics = train.run(flags("--epochs", "1", cuda_graph=True), torch.device("cuda"), data,
+                           build=lambda args: ReadsBack())
+    assert metrics["cuda_graph"] is False and metrics["history"][-1]["val_accuracy"] > 50
+    assert "could not be captured as a CUDA graph" in capsys.readouterr().err

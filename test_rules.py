@@ -142,6 +142,55 @@ class ChannelDropoutFunctionalBatchNorm(nn.Module):
         return F.adaptive_avg_pool2d(self.conv2(self.drop(F.relu(x))), (1, 1)).squeeze(-1).squeeze(-1)
 
 
+class PoolInsideTheBody(ModuleGap):
+    """A squeeze-and-excitation gate: a global average pool and a small nn.Linear inside the body
+    weigh the channels. Only the last pool, the one the output comes from, is the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.excite = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x * torch.sigmoid(self.excite(x.mean((2, 3))))[:, :, None, None]
+        return self.gap(self.to_classes(x)).flatten(1)
+
+
+class FlatViewMean(ModuleGap):
+    """The pool as a mean over a flattened map, x.view(N, C, -1).mean(-1); the 1x1 map's value read
+    as x[:, :, 0, 0] elsewhere works the same."""
+
+    def forward(self, x):
+        x = self.to_classes(self.features(x))
+        return x.view(x.size(0), x.size(1), -1).mean(-1)
+
+
+class IndexedPoolFunctionalClassifier(ModuleGap):
+    """self.gap(x)[:, :, 0, 0] after the pool, and the classifier as F.conv2d with its weight by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 16, 1, 1) * 0.1)
+
+    def forward(self, x):
+        return F.conv2d(self.gap(self.features(x)), weight=self.weight)[:, :, 0, 0]
+
+
+class ReluBeforeThePool(nn.Module):
+    """BatchNorm after the first conv only, a ReLU after the class conv, then the pool: at
+    initialisation some ReLUs are dead, but every logit is wired to every pixel."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Dropout(0.05), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 10, 3), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.layers(x)
+
+
 class JustUnderTheLimit(ModuleGap):
     """7,999 numbers: fewer than 8,000 is the rule."""
 
@@ -159,6 +208,10 @@ ACCEPTED = {
     "padded-bias-conv1x1-after-gap": PaddedConvAfterGap,
     "flatten-then-dropout": FlattenThenDropout,
     "dropout2d-functional-batchnorm": ChannelDropoutFunctionalBatchNorm,
+    "pool-inside-the-body": PoolInsideTheBody,
+    "flat-view-mean": FlatViewMean,
+    "indexed-pool-functional-classifier": IndexedPoolFunctionalClassifier,
+    "relu-before-the-pool": ReluBeforeThePool,
     "7999-numbers": JustUnderTheLimit,
 }
 
@@ -214,6 +267,36 @@ class DownTo1x1ThenPool(Variant):
     def __init__(self):
         super().__init__()
         self.to_classes = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2), nn.Conv2d(16, 10, 3))  # 8 -> 3 -> 1
+
+
+class ExpandedToAMap(DownTo1x1ThenPool):
+    """A 1x1 map expanded (or upsampled) to 2x2 before the pool: the same value at every position."""
+
+    def head(self, x):
+        return self.gap(x.expand(-1, -1, 2, 2)).flatten(1)
+
+
+class UpsampledToAMap(DownTo1x1ThenPool):
+    def head(self, x):
+        return self.gap(F.interpolate(x, size=4)).flatten(1)
+
+
+class DropoutResultUnused(FunctionalDropoutMean):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        F.dropout(x, 0.05, training=self.training)  # the classic slip: the result is thrown away
+        return self.conv4(F.relu(self.bn3(self.conv3(x)))).mean((2, 3))
+
+
+class BatchNormResultUnused(FunctionalDropoutMean):
+    def forward(self, x):
+        x = self.conv1(x)
+        self.bn1(x)  # computed, then thrown away
+        x = F.relu(x)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.dropout(F.relu(self.conv3(x)), 0.05, training=self.training)
+        return self.conv4(x).mean((2, 3))
 
 
 class GlobalMaxPool(Variant):
@@ -289,13 +372,24 @@ class WideConvAfterPool(Variant):
         return self.classifier(self.gap(x)).flatten(1)
 
 
-class LinearBeforePool(Variant):
+class LinearOnAMap(Variant):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(8, 8)  # mixes each row of every map, before the pool
 
     def head(self, x):
         return self.gap(self.fc(x)).flatten(1)
+
+
+class FullyConnectedThenPool(Variant):
+    """A fully-connected head with a pool for show: flatten, nn.Linear, view as 2x2 maps, pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10 * 8 * 8, 40)
+
+    def head(self, x):
+        return self.gap(self.fc(x.flatten(1)).view(-1, 10, 2, 2)).flatten(1)
 
 
 class OutputBesideThePool(Variant):
@@ -325,6 +419,10 @@ REFUSED = {
     "dropout-p-0": (lambda: without(nn.Dropout, lambda d: nn.Dropout(0.0)), "no Dropout with p > 0"),
     "dropout-training-false": (DropoutNotInTraining, "no Dropout with p > 0"),
     "pool-on-1x1": (DownTo1x1ThenPool, "larger than 1x1"),
+    "1x1-expanded-to-a-map": (ExpandedToAMap, "larger than 1x1"),
+    "1x1-upsampled-to-a-map": (UpsampledToAMap, "larger than 1x1"),
+    "dropout-result-unused": (DropoutResultUnused, "no Dropout with p > 0"),
+    "batchnorm-result-unused": (BatchNormResultUnused, "no BatchNorm ran"),
     "global-max-pool": (GlobalMaxPool, "no global average pooling"),
     "flatten-into-linear": (FlattenIntoLinear, "no global average pooling"),
     "pool-window-smaller-than-map": (PoolWindowTooSmall, "no global average pooling"),
@@ -334,7 +432,8 @@ REFUSED = {
     "matrix-after-pool": (MatrixAfterPool, "`matmul` runs after the global average pool"),
     "two-linears-after-pool": (TwoLinearsAfterPool, "2 layers run after the global average pool"),
     "3x3-conv-after-pool": (WideConvAfterPool, "a 3x3 conv runs after the global average pool"),
-    "linear-before-pool": (LinearBeforePool, "nn.Linear runs before the global average pool"),
+    "linear-on-a-map": (LinearOnAMap, "nn.Linear runs on a map before the global average pool"),
+    "fully-connected-then-pool": (FullyConnectedThenPool, "nn.Linear runs on a map before the global average pool"),
     "output-beside-the-pool": (OutputBesideThePool, "the output does not come from the global average pool"),
     "eleven-outputs": (ElevenOutputs, r"expected \(4, 10\)"),
     "8000-numbers": (OverTheLimit, "8,000 parameters and other carried numbers; the rule is fewer than 8,000"),
@@ -446,6 +545,20 @@ def test_gate_counts_a_table_at_the_top_of_the_model_file(monkeypatch, bank):
     monkeypatch.setitem(sys.modules, student_file.__name__, student_file)
     with pytest.raises(AssertionError, match="student_model.BANK 9,000"):
         check_architecture(WithTopLevelTensor())
+
+
+def test_a_model_instance_at_the_top_of_the_file_is_not_a_table(monkeypatch):
+    """A notebook-style `model = Net()` at the top of model.py is another copy of the model, not a
+    table its forward reads: it is not counted (nor are BatchNorm statistics held outside the tree)."""
+    student_file = types.ModuleType("student_model")
+
+    class StudentNet(Variant):
+        pass
+
+    StudentNet.__module__ = student_file.__name__
+    student_file.model = StudentNet()
+    monkeypatch.setitem(sys.modules, student_file.__name__, student_file)
+    assert count_params(StudentNet()) == count_params(ModuleGap())
 
 
 class GrowsSmall(ModuleGap):

@@ -37,7 +37,7 @@ def test_a_forked_run_is_the_full_run(test_tensors):
 
 @pytest.mark.parametrize("model", ACCEPTED.values(), ids=ACCEPTED.keys())
 def test_train_py_trains_every_accepted_form(test_tensors, model):
-    """Logits or log-probabilities, modules or functions: one epoch on 512 images lowers the loss."""
+    """Logits or log-probabilities, modules or functions: two epochs on 512 images lower the loss."""
     images, labels = test_tensors
     data = (images[:512], labels[:512], images[512:1024], labels[512:1024], "val")
     args = train.parse_args(["--epochs", "2", "--batch-size", "64", "--clean-epochs", "0"])

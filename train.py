@@ -35,6 +35,7 @@ from cli import nonnegative, positive, probability, writable_dir
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
 from model import Net
 from summary import buildable, count_params
+from test_model import LAST_EPOCHS  # the gate's rule: model.pt keeps the weights of the epochs it re-scores
 
 # Defaults, each exposed as a flag below.
 EPOCHS = 15
@@ -47,7 +48,6 @@ CLEAN_EPOCHS = 3     # the last 3 epochs train on the images as they are, withou
 EMA = 0.995          # decay of the weight average that is evaluated and saved (0: the raw weights)
 SEED = 1
 EVAL_BATCH_SIZE = 2000
-LAST_EPOCHS = 3  # the bar must hold in each of the last 3 epochs; model.pt keeps their weights
 HERE = os.path.dirname(os.path.abspath(__file__))  # where the gate reads model.pt and metrics.json
 
 
@@ -94,13 +94,11 @@ class WeightAverage:
         self.steps += 1
         if decay is None:
             decay = self.decay_at(self.steps)
-        if not self.averages:
-            pass
-        elif isinstance(decay, torch.Tensor):  # read on the device at each replay of a captured graph
+        if self.averages and isinstance(decay, torch.Tensor):  # read on the device at each replay of a graph
             steps = torch._foreach_sub(self.currents, self.averages)
             torch._foreach_mul_(steps, 1 - decay)
             torch._foreach_add_(self.averages, steps)
-        else:  # one multi-tensor kernel on a GPU; on a CPU the same arithmetic as lerp_ tensor by tensor
+        elif self.averages:  # one multi-tensor kernel on a GPU; on a CPU the same arithmetic as lerp_ tensor by tensor
             torch._foreach_lerp_(self.averages, self.currents, 1 - decay)
         for average, current in self.copied:
             average.copy_(current)
@@ -254,6 +252,8 @@ def run(args, device, data, build=None):
     except graphed.CaptureError as e:
         print(f"warning: {e}; training with the eager loop instead (--no-cuda-graph skips the attempt)",
               file=sys.stderr)
+        state = None  # outside the except block, so that the failed run's memory can go
+    if state is None:
         args.cuda_graph = False
         state = start(args, device, data, build)
         train_epochs(state, args, data, args.epochs)
@@ -370,16 +370,20 @@ def parse_args(argv=None):
                    metavar="N", help="train the last N epochs on the images as they are, without augmentation")
     p.add_argument("--seed", type=int, default=SEED, help="random seed")
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                   help="train once per seed, write seeds.json and print a table (no weights saved)")
+                   help="train once per seed; write seeds.json and seeds.png after each seed, then print a table "
+                        "(no weights saved)")
     p.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="hold out the last N training images (half of them from writers the rest hardly shows) and "
                         "evaluate on them instead of the test set; needs an --out other than train.py's folder")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                    help="auto: CUDA, then Apple MPS, then CPU")
     p.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast")
+    # None: on when the device is CUDA. "%(default).0s" prints nothing; it keeps argparse from adding
+    # "(default: None)" to a help text that says the default itself.
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each training step from a captured CUDA graph (graphed.py): the default on CUDA, "
-                        "3.8x faster than the eager loop on an H200; --no-cuda-graph runs the eager loop")
+                   help="replay each training step from a captured CUDA graph (graphed.py), 3.8x faster than the "
+                        "eager loop on an H200; --no-cuda-graph runs the eager loop (default: on with CUDA)"
+                        "%(default).0s")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
     p.add_argument("--out", type=writable_dir, default=HERE,
@@ -444,6 +448,8 @@ def main(argv=None):
 
 
 def train_and_save(args):
+    global saved
+    saved = False  # a second run in the same process (the tests) starts unsaved
     problem = buildable(Net)
     if problem:
         sys.exit(f"error: {problem}")
