@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import train
 from cli import positive, writable_dir
-from model import Net
+from model import DROPOUT, Net, conv_block
 
 HOLDOUT = 10_000
 
@@ -45,6 +45,18 @@ def relu_net(args):
     return replace_modules(Net(), nn.SiLU, lambda _: nn.ReLU())
 
 
+def width_net(width):
+    """Net with `width` channels after the pool instead of 13 and the same 3x3 head: a point of the
+    size frontier between its GPU rows (DESIGN.md). Its initial weights come from another stretch
+    of the random stream than a standalone class would draw."""
+    def build(args):
+        net = Net()
+        net.conv3, net.conv4 = conv_block(8, width, DROPOUT), conv_block(width, width, DROPOUT)
+        net.conv5, net.head = conv_block(width, width, DROPOUT), nn.Conv2d(width, 10, 3, bias=False)
+        return net
+    return build
+
+
 def dropout_net(p):
     """Same net and initial weights, dropout p in the same places."""
     return lambda args: replace_modules(Net(), nn.Dropout, lambda _: nn.Dropout(p))
@@ -61,6 +73,7 @@ ROWS = {
     "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], None),
     "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], None),
     "batch-x4": (f"batch {train.BATCH_SIZE * 4}", ["--batch-size", str(train.BATCH_SIZE * 4)], None),
+    "width-12": ("12 channels after the pool, 5,288 parameters", [], width_net(12)),
 }
 
 
