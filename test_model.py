@@ -73,21 +73,18 @@ def average_pool_to_one(call):
     hw = tuple(x.shape[2:]) if x.dim() == 4 else (x.shape[2], 1)
     if x.numel() and bool((x.flatten(2).amax(2) == x.flatten(2).amin(2)).all()):
         hw = (1, 1)
+    dims = argument(call, 1, "dim") if call.name == "mean" else None
+    dims = None if dims is None else {d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+    if dims == ({2, 3} if x.dim() == 4 else {2}):  # x.mean((2, 3)), or x.view(n, c, -1).mean(-1)
+        return hw
     if x.dim() == 3:
-        dims = argument(call, 1, "dim")
-        is_pool = call.name == "mean" and dims is not None and \
-            {d % 3 for d in ((dims,) if isinstance(dims, int) else dims)} == {2}
-        return hw if is_pool else None
+        return None
     if call.name == "adaptive_avg_pool2d" and tuple(call.out.shape[-2:]) == (1, 1):
         return hw
     if call.name == "avg_pool2d":
         kernel, padding = argument(call, 1, "kernel_size"), argument(call, 3, "padding", 0)
         kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
         if kernel[0] >= x.shape[2] and kernel[1] >= x.shape[3] and padding in (0, (0, 0), [0, 0]):
-            return hw
-    if call.name == "mean":
-        dims = argument(call, 1, "dim")
-        if dims is not None and {d % 4 for d in ((dims,) if isinstance(dims, int) else dims)} == {2, 3}:
             return hw
     return None
 
