@@ -26,10 +26,10 @@ import torch.nn.functional as F
 import train
 from cli import positive, writable_dir
 from data import DataError, augment, to_float
+from model import DROPOUT, MNIST_MEAN, MNIST_STD
 from test_model import MIN_ACCURACY
 
 HOLDOUT = 10_000
-MEAN, STD = 0.1307, 0.3081
 
 # name: (channels before the pool, channels after it, head): "3x3" is a 3x3 conv to 10 maps before
 # the average pool, "1x1" a 1x1 conv to 10 after it (the same as a bias-free nn.Linear there).
@@ -55,7 +55,7 @@ class Grouped(nn.Module):
     """n copies of one candidate side by side. Input (B, n, 28, 28): seed k's images in channel k.
     Output (B, n, 10) logits."""
 
-    def __init__(self, n, before, after, head, dropout=0.05):
+    def __init__(self, n, before, after, head, dropout=DROPOUT):
         super().__init__()
         self.n = n
         layers, c = [], 1
@@ -73,7 +73,7 @@ class Grouped(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.layers((x - MEAN) / STD).view(len(x), self.n, 10)
+        return self.layers((x - MNIST_MEAN) / MNIST_STD).view(len(x), self.n, 10)
 
 
 def params_per_seed(name):

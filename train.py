@@ -291,19 +291,29 @@ STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
+def stops_handled_by(handler):
+    """Ctrl-C and SIGTERM go to handler inside the block; the handlers before it come back after.
+    Call from the main thread."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOPS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM that arrive inside are held, then acted on as the block ends.
 
     Python runs every signal handler in the main thread, whichever thread the kernel hands the
     signal to, so handlers that only take note hold it for the whole process (pthread_sigmask would
-    hold it for the calling thread alone). Call from the main thread."""
+    hold it for the calling thread alone)."""
     held = []
-    previous = {sig: signal.signal(sig, lambda sig, frame: held.append(sig)) for sig in STOPS}
     try:
-        yield
+        with stops_handled_by(lambda sig, frame: held.append(sig)):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if held:
             signal.raise_signal(held[0])  # now handled as it would have been: KeyboardInterrupt under main
 
@@ -439,12 +449,8 @@ def main(argv=None):
     args = parse_args(argv)
     # SIGTERM stops like Ctrl-C, and Ctrl-C stops even where the parent ignored it (a background job).
     # The caller's handlers come back on the way out (train.main is also called from tests).
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOPS}
-    try:
+    with stops_handled_by(signal.default_int_handler):
         train_and_save(args)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def train_and_save(args):
