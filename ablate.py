@@ -45,14 +45,15 @@ def relu_net(args):
     return replace_modules(Net(), nn.SiLU, lambda _: nn.ReLU())
 
 
-def width_net(width):
-    """Net with `width` channels after the pool instead of 13 and the same 3x3 head: a point of the
-    size frontier between its GPU rows (DESIGN.md). Its initial weights come from another stretch
-    of the random stream than a standalone class would draw."""
+def after_pool_net(width, convs=3):
+    """Net with `convs` convolutions of `width` channels after the pool, in place of conv3-conv5,
+    and a 3x3 head from them: a point of the size frontier between its GPU rows (DESIGN.md). Its
+    initial weights come from another stretch of the random stream than a standalone class draws."""
     def build(args):
         net = Net()
-        net.conv3, net.conv4 = conv_block(8, width, DROPOUT), conv_block(width, width, DROPOUT)
-        net.conv5, net.head = conv_block(width, width, DROPOUT), nn.Conv2d(width, 10, 3, bias=False)
+        blocks = [conv_block(8, width, DROPOUT)] + [conv_block(width, width, DROPOUT) for _ in range(convs - 1)]
+        net.conv3, net.conv4, net.conv5 = blocks[0], blocks[1], nn.Sequential(*blocks[2:])
+        net.head = nn.Conv2d(width, 10, 3, bias=False)
         return net
     return build
 
@@ -73,7 +74,8 @@ ROWS = {
     "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], None),
     "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], None),
     "batch-x4": (f"batch {train.BATCH_SIZE * 4}", ["--batch-size", str(train.BATCH_SIZE * 4)], None),
-    "width-12": ("12 channels after the pool, 5,288 parameters", [], width_net(12)),
+    "width-12": ("12 channels after the pool, 5,288 parameters", [], after_pool_net(12)),
+    "depth-4x10": ("4 convolutions of 10 channels after the pool, 5,080 parameters", [], after_pool_net(10, 4)),
 }
 
 
