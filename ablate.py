@@ -74,7 +74,7 @@ ROWS = {
     "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], None),
     "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], None),
     "batch-x4": (f"batch {train.BATCH_SIZE * 4}", ["--batch-size", str(train.BATCH_SIZE * 4)], None),
-    "width-12": ("12 channels after the pool, 5,288 parameters", [], after_pool_net(12)),
+    "width-13": ("13 channels after the pool, 5,906 parameters (the default before)", [], after_pool_net(13)),
     "depth-4x10": ("4 convolutions of 10 channels after the pool, 5,080 parameters", [], after_pool_net(10, 4)),
 }
 
