@@ -45,15 +45,17 @@ def relu_net(args):
     return replace_modules(Net(), nn.SiLU, lambda _: nn.ReLU())
 
 
-def after_pool_net(width, convs=3):
-    """Net with `convs` convolutions of `width` channels after the pool, in place of conv3-conv5,
-    and a 3x3 head from them: a point of the size frontier between its GPU rows (DESIGN.md). Its
-    initial weights come from another stretch of the random stream than a standalone class draws."""
+def frontier_net(before, after):
+    """Net with other widths: `before` gives the two convs before the pool, `after` the convs after
+    it (any number), and a 3x3 head follows the last. A point of the size frontier between its GPU
+    rows (DESIGN.md). Its initial weights come from another stretch of the random stream than a
+    standalone class draws."""
     def build(args):
         net = Net()
-        blocks = [conv_block(8, width, DROPOUT)] + [conv_block(width, width, DROPOUT) for _ in range(convs - 1)]
+        net.conv1, net.conv2 = conv_block(1, before[0]), conv_block(*before)
+        blocks = [conv_block(c_in, c_out, DROPOUT) for c_in, c_out in zip((before[-1], *after), after)]
         net.conv3, net.conv4, net.conv5 = blocks[0], blocks[1], nn.Sequential(*blocks[2:])
-        net.head = nn.Conv2d(width, 10, 3, bias=False)
+        net.head = nn.Conv2d(after[-1], 10, 3, bias=False)
         return net
     return build
 
@@ -74,8 +76,11 @@ ROWS = {
     "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], None),
     "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], None),
     "batch-x4": (f"batch {train.BATCH_SIZE * 4}", ["--batch-size", str(train.BATCH_SIZE * 4)], None),
-    "width-13": ("13 channels after the pool, 5,906 parameters (the default before)", [], after_pool_net(13)),
-    "depth-4x10": ("4 convolutions of 10 channels after the pool, 5,080 parameters", [], after_pool_net(10, 4)),
+    "width-13": ("13 channels after the pool, 5,906 parameters (the default before)", [],
+                 frontier_net((8, 8), (13, 13, 13))),
+    "depth-4x10": ("4 convolutions of 10 channels after the pool, 5,080 parameters", [],
+                   frontier_net((8, 8), (10, 10, 10, 10))),
+    "first-4-8": ("4 then 8 channels before the pool, 4,956 parameters", [], frontier_net((4, 8), (12, 12, 12))),
 }
 
 
