@@ -24,8 +24,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from data import to_float
 
 WARM_UP_STEPS = 3  # eager steps before a capture, so cuDNN and the allocator settle; then undone
@@ -160,15 +158,15 @@ class GraphedSteps:
             self.graphs[key] = graph
         return self.graphs[key]
 
-    def epoch(self, augmented, desc=None):
-        """One pass in a fresh random order. Returns (mean loss, accuracy %) of the model being
+    def epoch(self, augmented, progress=iter):
+        """One pass in a fresh random order; progress wraps the batches (train.py's progress bar). Returns (mean loss, accuracy %) of the model being
         trained on the batches as it saw them; the one read back to the host is here, at the end."""
         self.model.train()
         n = len(self.labels)
         self.loss_sum.zero_()
         self.correct.zero_()
         order = torch.randperm(n, device=self.labels.device)
-        for idx in tqdm(order.split(self.batch_size), desc=desc, leave=False, unit="batch", disable=None):
+        for idx in progress(order.split(self.batch_size)):
             if len(idx) not in self.indices:
                 self.indices[len(idx)] = torch.empty_like(idx)
             self.indices[len(idx)].copy_(idx)

@@ -31,13 +31,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import graphed
-from cli import nonnegative, positive, probability, writable_dir
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
-from model import Net
-from summary import buildable, count_params
-from test_model import LAST_EPOCHS  # the gate's rule: model.pt keeps the weights of the epochs it re-scores
+from rules import LAST_EPOCHS  # model.pt keeps the weights of the epochs the gate re-scores
+from summary import buildable, count_params, student_net
 
-# Defaults, each exposed as a flag below.
+# Defaults. Each but the recipe's constants (momentum, weight decay, augmentation ranges) is a flag below.
 EPOCHS = 15
 BATCH_SIZE = 128
 LR = 0.1             # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum)
@@ -48,7 +46,41 @@ CLEAN_EPOCHS = 3     # the last 3 epochs train on the images as they are, withou
 EMA = 0.995          # decay of the weight average that is evaluated and saved (0: the raw weights)
 SEED = 1
 EVAL_BATCH_SIZE = 2000
+PROGRESS_EVERY_S = 10  # without a terminal, one progress line per 10 s
 HERE = os.path.dirname(os.path.abspath(__file__))  # where the gate reads model.pt and metrics.json
+
+
+# --- argparse types: a bad flag is one usage line and exit code 2, never a traceback mid-run ---
+
+def number(kind, accept, rule):
+    """An argparse type: `kind` parsed from text, then held to `rule` (e.g. "> 0")."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+def positive(kind):
+    return number(kind, lambda v: v > 0, "> 0")
+
+
+def nonnegative(kind):
+    return number(kind, lambda v: v >= 0, ">= 0")
+
+
+probability = number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def writable_dir(text):
+    """An argparse type: a directory that exists and can be written to, checked before any work."""
+    if not os.path.isdir(text) or not os.access(text, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a writable directory")
+    return text
 
 
 def pick_device(name):
@@ -104,6 +136,15 @@ class WeightAverage:
             average.copy_(current)
 
 
+def progress(batches, desc):
+    """A progress bar over one epoch's batches. In a terminal it redraws ten times a second. Without
+    one (Colab's `!python train.py`, a CI log, output piped to a file) it writes a line every
+    PROGRESS_EVERY_S seconds: a small machine's epoch takes minutes, and silence looks like a hang."""
+    terminal = sys.stderr.isatty()
+    return tqdm(batches, desc=desc, leave=False, unit="batch", mininterval=0.1 if terminal else PROGRESS_EVERY_S,
+                ascii=not terminal)
+
+
 def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp_dtype, augmented, average, desc):
     """One pass over the data in a fresh random order, updating `average` (if any) after each step.
 
@@ -113,7 +154,7 @@ def train_one_epoch(model, optimizer, scheduler, images, labels, batch_size, amp
     loss_sum = torch.zeros((), device=labels.device)
     correct = torch.zeros((), device=labels.device, dtype=torch.long)
     order = torch.randperm(n, device=labels.device)
-    for idx in tqdm(order.split(batch_size), desc=desc, leave=False, unit="batch", disable=None):
+    for idx in progress(order.split(batch_size), desc):
         x, y = to_float(images[idx]), labels[idx]
         if augmented:
             x = augment(x, **AUGMENT)
@@ -173,13 +214,13 @@ def make_optimizer(params, args, steps_per_epoch):
     return optimizer, scheduler
 
 
-def start(args, device, data, build=None):
-    """A fresh run seeded with args.seed, before its first epoch; build(args) makes the model
-    (default: Net). train_epochs advances it; a deepcopy of it, with the RNG state, forks it (an
+def start(args, device, data, net=None):
+    """A fresh run seeded with args.seed, before its first epoch, of net() (default: model.py's
+    Net). train_epochs advances it; a deepcopy of it, with the RNG state, forks it (an
     eager run only: a captured CUDA graph cannot be copied)."""
     torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
     train_x, train_y = data[:2]
-    model = (build(args) if build else Net()).to(device)
+    model = (net or student_net())().to(device)
     average = WeightAverage(model, args.ema) if args.ema else None
     steps = -(-len(train_y) // args.batch_size)
     state = argparse.Namespace(model=model, average=average, optimizer=None, scheduler=None, graphed=None,
@@ -207,7 +248,7 @@ def train_epochs(state, args, data, until):
         desc = f"seed {args.seed} epoch {epoch}/{args.epochs}"
         if state.graphed:
             lr = state.graphed.lrs[(epoch - 1) * state.steps_per_epoch].item()
-            train_loss, train_acc = state.graphed.epoch(augmented, desc)
+            train_loss, train_acc = state.graphed.epoch(augmented, lambda batches: progress(batches, desc))
         else:
             lr = state.optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(state.model, state.optimizer, state.scheduler, train_x, train_y,
@@ -240,14 +281,14 @@ def metrics_of(state, args, device, split):
     }
 
 
-def run(args, device, data, build=None):
-    """Trains one model from scratch with args.seed; build(args) makes it (default: Net).
+def run(args, device, data, net=None):
+    """Trains net() (default: model.py's Net) from scratch with args.seed.
 
     Returns ({epoch: CPU state_dict} for the last LAST_EPOCHS epochs, metrics dict). A model whose
     step cannot be captured as a CUDA graph (it reads a value back to the host, say) is trained
     again from the start, eagerly."""
     try:
-        state = start(args, device, data, build)
+        state = start(args, device, data, net)
         train_epochs(state, args, data, args.epochs)
     except graphed.CaptureError as e:
         print(f"warning: {e}; training with the eager loop instead (--no-cuda-graph skips the attempt)",
@@ -255,7 +296,7 @@ def run(args, device, data, build=None):
         state = None  # outside the except block, so that the failed run's memory can go
     if state is None:
         args.cuda_graph = False
-        state = start(args, device, data, build)
+        state = start(args, device, data, net)
         train_epochs(state, args, data, args.epochs)
     return state.weights, metrics_of(state, args, device, data[-1])
 
@@ -412,7 +453,7 @@ def parse_args(argv=None):
     return args
 
 
-def run_seeds(args, device, data):
+def run_seeds(args, device, data, net=None):
     """Trains once per seed; rewrites seeds.json (no weights) and seeds.png after each seed, so a
     run cut short keeps the seeds it finished, and prints a table."""
     from plots import BAR, save_seeds  # matplotlib only when artifacts are written
@@ -421,7 +462,7 @@ def run_seeds(args, device, data):
     record = None
     for seed in args.seeds:
         args.seed = seed
-        _, metrics = run(args, device, data)
+        _, metrics = run(args, device, data, net)
         if record is None:
             record = {k: metrics[k] for k in ("params", "epochs", "batch_size", "lr", "schedule", "ema",
                                               "augment", "clean_epochs", "device", "amp", "cuda_graph",
@@ -445,18 +486,19 @@ def run_seeds(args, device, data):
     print(f"wrote {paths['seeds.json']} and {paths['seeds.png']}")
 
 
-def main(argv=None):
+def main(argv=None, net=None):
+    """Parses argv and trains net() (default: model.py's Net; the project's tests pass their own)."""
     args = parse_args(argv)
     # SIGTERM stops like Ctrl-C, and Ctrl-C stops even where the parent ignored it (a background job).
     # The caller's handlers come back on the way out (train.main is also called from tests).
     with stops_handled_by(signal.default_int_handler):
-        train_and_save(args)
+        train_and_save(args, net or student_net())
 
 
-def train_and_save(args):
+def train_and_save(args, net):
     global saved
     saved = False  # a second run in the same process (the tests) starts unsaved
-    problem = buildable(Net)
+    problem = buildable(net)
     if problem:
         sys.exit(f"error: {problem}")
     if args.holdout and os.path.samefile(args.out, HERE):
@@ -464,9 +506,12 @@ def train_and_save(args):
     device = pick_device(args.device)
     try:
         data = load_splits(args.data_dir, device, args.holdout)
+        if args.augment and args.epochs <= args.clean_epochs:
+            print(f"note: the last {args.clean_epochs} epochs train without augmentation, so all {args.epochs} do "
+                  "(--clean-epochs sets how many)", flush=True)
         if args.seeds:
-            return run_seeds(args, device, data)
-        weights, metrics = run(args, device, data)
+            return run_seeds(args, device, data, net)
+        weights, metrics = run(args, device, data, net)
         config = {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir")}
         save_artifacts(args.out, weights, metrics, config)
         print(f"{metrics['eval_split']} accuracy {metrics[metrics['eval_split'] + '_accuracy']:.2f}%  "

@@ -1,14 +1,14 @@
 """Side-by-side timings of two ways to train, each a fresh process, alternating, medians reported.
 
-    python bench.py                        # on a CUDA GPU: eager (--no-cuda-graph) vs captured steps
-    python bench.py --compare dataloader   # the default off CUDA: one CPU epoch vs a DataLoader
-    python bench.py --rounds 3
+    python -m research.bench                        # on a CUDA GPU: eager (--no-cuda-graph) vs captured steps
+    python -m research.bench --compare dataloader   # the default off CUDA: one CPU epoch vs a DataLoader
+    python -m research.bench --rounds 3
 
 graph: the full default run (15 epochs, the test set scored after each) with train.py's eager step
 loop against the same run with each step replayed from a CUDA graph (graphed.py).
 dataloader: one epoch of train.py's pipeline (data on the device, batched augmentation) against the
 pytorch/examples recipe: torchvision transforms per sample (RandomAffine, ToTensor) and a DataLoader.
-Both sides train the same Net with the same batch size, optimizer, schedule and augmentation ranges.
+Both sides train model.py's Net with the same batch size, optimizer, schedule and augmentation ranges.
 Each side reports the whole process (start, load MNIST, train, score, write) and its training time
 (the `seconds` its metrics.json records: training and the per-epoch evaluation).
 """
@@ -29,9 +29,10 @@ from torchvision import transforms
 from torchvision.datasets import MNIST
 
 import train
-from cli import nonnegative, positive
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
-from model import Net
+from summary import student_net
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # research.bench runs from here
 
 
 def dataloader_epoch(args):
@@ -47,7 +48,7 @@ def dataloader_epoch(args):
                               batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     test_loader = DataLoader(MNIST(args.data_dir, train=False, transform=transforms.ToTensor()),
                              batch_size=train.EVAL_BATCH_SIZE, num_workers=args.workers)
-    model = Net()
+    model = student_net()()
     optimizer = torch.optim.SGD(model.parameters(), lr=train.LR, momentum=train.MOMENTUM,
                                 nesterov=True, weight_decay=train.WEIGHT_DECAY)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.LR, epochs=1,
@@ -72,7 +73,7 @@ def dataloader_epoch(args):
 def timed(cmd, out):
     """(whole-process seconds, training seconds from the metrics.json it wrote)."""
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     whole = time.perf_counter() - start
     with open(os.path.join(out, "metrics.json")) as f:
         return whole, json.load(f)["seconds"]
@@ -86,7 +87,7 @@ def sides(args, out):
         return {"eager steps (--no-cuda-graph)": cuda + ["--no-cuda-graph"],
                 "captured steps (the default)": cuda + ["--cuda-graph"]}
     return {"train.py (data on device)": [sys.executable, train.__file__, "--epochs", "1", "--device", "cpu", *common],
-            f"DataLoader ({args.workers} workers)": [sys.executable, __file__, "--baseline", *common,
+            f"DataLoader ({args.workers} workers)": [sys.executable, "-m", "research.bench", "--baseline", *common,
                                                       "--workers", str(args.workers)]}
 
 
@@ -96,9 +97,9 @@ def main():
     p.add_argument("--compare", choices=["graph", "dataloader"],
                    default="graph" if torch.cuda.is_available() else "dataloader",
                    help="graph: eager vs captured steps on CUDA; dataloader: one CPU epoch vs a DataLoader")
-    p.add_argument("--rounds", type=positive(int), default=2, help="alternating rounds; the table shows medians")
-    p.add_argument("--batch-size", type=positive(int), default=train.BATCH_SIZE, help="same for both sides")
-    p.add_argument("--workers", type=nonnegative(int), default=0, help="DataLoader worker processes")
+    p.add_argument("--rounds", type=train.positive(int), default=2, help="alternating rounds; the table shows medians")
+    p.add_argument("--batch-size", type=train.positive(int), default=train.BATCH_SIZE, help="same for both sides")
+    p.add_argument("--workers", type=train.nonnegative(int), default=0, help="DataLoader worker processes")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # one baseline epoch
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

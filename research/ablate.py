@@ -1,27 +1,28 @@
-"""Ablations on a held-out split of the training set: each row changes one thing from the defaults.
+"""Ablations and frontier rows on a held-out split of the training set: each row changes one thing
+from the defaults, the recipe's or the net's. Run from the repository root:
 
-    python ablate.py --out DIR                # every row, seed 1 -> DIR/ablation.json and a table
-    python ablate.py --seeds 1 2 --rows default no-augment --out DIR
+    python -m research.ablate --out DIR           # every row, seed 1 -> DIR/ablation.json and a table
+    python -m research.ablate --seeds 1 2 --rows default no-augment --out DIR --record rows.json
 
 Every run trains on the first 50,000 training images and is scored on the last 10,000 (`--holdout`),
 half of them from writers the first 50,000 hardly show, so the test set plays no part in these
 choices. Two runs go at a time, one CPU thread each: on a small net that gets more done per second
-than one run on two threads.
+than one run on two threads. The record is rewritten as each run finishes.
 """
 import argparse
 import copy
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 
 import torch
 import torch.nn as nn
 
 import train
-from cli import positive, writable_dir
-from model import DROPOUT, Net, conv_block
+from research.nets import params, plain, separable
 
 HOLDOUT = 10_000
+DEFAULT = plain((8, 8), (12, 12, 12), "3x3")  # model.py's Net, layer for layer (5,288 parameters)
 
 
 def replace_modules(model, kind, make):
@@ -35,53 +36,40 @@ def replace_modules(model, kind, make):
     return model
 
 
-def channel_dropout_net(args):
-    """Same places, but Dropout2d: each draw drops a whole feature map instead of single pixels."""
-    return replace_modules(Net(), nn.Dropout, lambda d: nn.Dropout2d(d.p))
+def swapped(kind, make):
+    """The default net with each `kind` module replaced by make(old): same places, same initial weights."""
+    return lambda: replace_modules(DEFAULT(), kind, make)
 
 
-def relu_net(args):
-    """Same net and initial weights (ReLU has no parameters), with ReLU in place of SiLU."""
-    return replace_modules(Net(), nn.SiLU, lambda _: nn.ReLU())
+def sized(description, build):
+    return f"{description}, {params(build):,} parameters"
 
 
-def frontier_net(before, after):
-    """Net with other widths: `before` gives the two convs before the pool, `after` the convs after
-    it (any number), and a 3x3 head follows the last. A point of the size frontier between its GPU
-    rows (DESIGN.md). Its initial weights come from another stretch of the random stream than a
-    standalone class draws."""
-    def build(args):
-        net = Net()
-        net.conv1, net.conv2 = conv_block(1, before[0]), conv_block(*before)
-        blocks = [conv_block(c_in, c_out, DROPOUT) for c_in, c_out in zip((before[-1], *after), after)]
-        net.conv3, net.conv4, net.conv5 = blocks[0], blocks[1], nn.Sequential(*blocks[2:])
-        net.head = nn.Conv2d(after[-1], 10, 3, bias=False)
-        return net
-    return build
-
-
-def dropout_net(p):
-    """Same net and initial weights, dropout p in the same places."""
-    return lambda args: replace_modules(Net(), nn.Dropout, lambda _: nn.Dropout(p))
-
-
-# key: (what changes, extra train.py flags, model builder or None for the default Net)
+# key: (what changes, extra train.py flags, zero-argument net builder)
 ROWS = {
-    "default": ("nothing (the defaults)", [], None),
-    "relu": ("ReLU instead of SiLU", [], relu_net),
-    "no-ema": ("raw weights instead of their moving average", ["--ema", "0"], None),
-    "no-augment": ("no augmentation", ["--no-augment"], None),
-    "dropout-0.10": ("dropout 0.10", [], dropout_net(0.10)),
-    "dropout2d": ("channel dropout (Dropout2d), same places", [], channel_dropout_net),
-    "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], None),
-    "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], None),
-    "batch-x4": (f"batch {train.BATCH_SIZE * 4}", ["--batch-size", str(train.BATCH_SIZE * 4)], None),
-    "width-13": ("13 channels after the pool, 5,906 parameters (the default before)", [],
-                 frontier_net((8, 8), (13, 13, 13))),
-    "depth-4x10": ("4 convolutions of 10 channels after the pool, 5,080 parameters", [],
-                   frontier_net((8, 8), (10, 10, 10, 10))),
-    "first-4-8": ("4 then 8 channels before the pool, 4,956 parameters", [], frontier_net((4, 8), (12, 12, 12))),
+    "default": ("nothing (the defaults)", [], DEFAULT),
+    "relu": ("ReLU instead of SiLU", [], swapped(nn.SiLU, lambda _: nn.ReLU())),
+    "no-ema": ("raw weights instead of their moving average", ["--ema", "0"], DEFAULT),
+    "no-augment": ("no augmentation", ["--no-augment"], DEFAULT),
+    "dropout-0.10": ("dropout 0.10", [], swapped(nn.Dropout, lambda _: nn.Dropout(0.10))),
+    "dropout2d": ("channel dropout (Dropout2d), same places", [], swapped(nn.Dropout, lambda d: nn.Dropout2d(d.p))),
+    "step": ("step schedule (x0.1 at 50% and 75%)", ["--schedule", "step"], DEFAULT),
+    "batch-x2": (f"batch {train.BATCH_SIZE * 2}", ["--batch-size", str(train.BATCH_SIZE * 2)], DEFAULT),
+    "batch-x4": (f"batch {train.BATCH_SIZE * 4}", ["--batch-size", str(train.BATCH_SIZE * 4)], DEFAULT),
 }
+# The size frontier's rows (research/README.md): other nets, same recipe unless the flags say otherwise.
+FRONTIER = {
+    "width-13": ("8-8 / pool / 13-13-13, 3x3 head", [], plain((8, 8), (13, 13, 13), "3x3")),
+    "width-12": ("8-8 / pool / 12-12-12, 3x3 head (the default)", [], DEFAULT),
+    "depth-4x10": ("8-8 / pool / 10-10-10-10, 3x3 head", [], plain((8, 8), (10, 10, 10, 10), "3x3")),
+    "first-4-8": ("4-8 / pool / 12-12-12, 3x3 head", [], plain((4, 8), (12, 12, 12), "3x3")),
+    "c11-1x1-b64": ("8-8 / pool / 11-11-11, 1x1 head, batch 64", ["--batch-size", "64"],
+                    plain((8, 8), (11, 11, 11), "1x1")),
+    "sep-24x4-1x1": ("8-8 / pool / separable 24-24-24-24, 1x1 head", [], separable((8, 8), (24,) * 4, "1x1")),
+    "sep-24x4-1x1-b64": ("8-8 / pool / separable 24-24-24-24, 1x1 head, batch 64", ["--batch-size", "64"],
+                         separable((8, 8), (24,) * 4, "1x1")),
+}
+ROWS.update({name: (sized(what, build), flags, build) for name, (what, flags, build) in FRONTIER.items()})
 
 
 # Rows that change only the last epochs. Each forks from the default run at the first epoch where
@@ -121,7 +109,7 @@ def run_forked(names, seed, data_dir):
     fork = min(a.epochs - a.clean_epochs for a in variants.values())
     device = torch.device("cpu")
     data = train.load_splits(base.data_dir, device, base.holdout)
-    state = train.start(base, device, data)
+    state = train.start(base, device, data, DEFAULT)
     train.train_epochs(state, base, data, fork)
     rng = torch.get_rng_state()
     results = []
@@ -134,27 +122,29 @@ def run_forked(names, seed, data_dir):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Ablations on a held-out split.",
+    p = argparse.ArgumentParser(description="Ablations and frontier rows on a held-out split.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *TAIL_ROWS], default=[*ROWS, *TAIL_ROWS], metavar="ROW",
                    help=f"rows to run: {', '.join([*ROWS, *TAIL_ROWS])}")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds per row")
-    p.add_argument("--jobs", type=positive(int), default=2, help="runs at a time")
+    p.add_argument("--jobs", type=train.positive(int), default=2, help="runs at a time")
     p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
-    p.add_argument("--out", type=writable_dir, required=True,
-                   help="directory for ablation.json (the committed one records an older recipe)")
+    p.add_argument("--out", type=train.writable_dir, required=True, help="directory for the record")
+    p.add_argument("--record", default="ablation.json", help="the record's file name in --out")
     args = p.parse_args()
 
     tails = [row for row in args.rows if row in TAIL_ROWS]
+    path = os.path.join(args.out, args.record)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(run_forked, tails, seed, args.data_dir) for seed in args.seeds
                    if "default" in args.rows or tails]
         futures += [pool.submit(run_row, row, seed, args.data_dir) for row in args.rows
                     if row in ROWS and row != "default" for seed in args.seeds]
-        results = [r for f in futures for r in f.result()]
-    path = os.path.join(args.out, "ablation.json")
-    train.save_json({"holdout": HOLDOUT, "device": "cpu", "threads_per_run": 1, "torch_version": torch.__version__,
-                     "runs": results}, path)
+        results = []
+        for future in as_completed(futures):
+            results += future.result()
+            train.save_json({"holdout": HOLDOUT, "device": "cpu", "threads_per_run": 1,
+                             "torch_version": torch.__version__, "runs": results}, path)
 
     print("\n| change from the defaults | held-out accuracy, final | min of last 3 | s/run |")
     print("|---|---:|---:|---:|")

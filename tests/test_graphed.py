@@ -8,13 +8,12 @@ import torch
 
 import graphed
 import train
-from model import Net
+from reference import Reference
 
 
 def without_dropout():
-    """model.py's Net with no randomness inside: its dropout modules at p = 0. (A Net that calls
-    F.dropout itself still draws random numbers, and fails the CUDA equivalence test.)"""
-    model = Net()
+    """The reference net with no randomness inside: its dropout modules at p = 0."""
+    model = Reference()
     for module in model.modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
@@ -34,7 +33,7 @@ def flags(*argv, cuda_graph=False):
 def eager_schedule(args, steps_per_epoch):
     """(lr, momentum) of each step as the eager loop's optimizer sees them, and the weight
     average's decay at each step, recorded from a real run of the eager objects."""
-    model = Net()
+    model = Reference()
     optimizer, scheduler = train.make_optimizer(model.parameters(), args, steps_per_epoch)
     average = train.WeightAverage(model, args.ema)
     lrs, momenta, decays = [], [], []
@@ -54,7 +53,7 @@ def test_schedule_tensors_match_the_eager_schedule(schedule):
     steps = 10
     x = torch.zeros(steps * args.batch_size, 1, 28, 28, dtype=torch.uint8)
     y = torch.zeros(steps * args.batch_size, dtype=torch.long)
-    state = train.start(flags("--schedule", schedule, cuda_graph=True), "cpu", (x, y, x, y, "val"))
+    state = train.start(flags("--schedule", schedule, cuda_graph=True), "cpu", (x, y, x, y, "val"), Reference)
     lrs, momenta, decays = eager_schedule(args, steps)
     total, padding = steps * args.epochs, graphed.WARM_UP_STEPS  # padded for a warm-up at the last step
     for ours, eager in ((state.graphed.lrs, lrs), (state.graphed.momenta, momenta), (state.graphed.decays, decays)):
@@ -83,14 +82,14 @@ def test_hand_written_sgd_matches_torch_sgd():
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def two_runs(test_tensors, device, *argv, build=None):
+def two_runs(test_tensors, device, *argv, net=Reference):
     """The same short run, eager and graph-ready; returns both finished states."""
     images, labels = (t.to(device) for t in test_tensors)
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")  # 15 x 64 + 40
     states = []
     for cuda_graph in (False, True):
         args = flags("--epochs", "2", "--clean-epochs", "1", *argv, cuda_graph=cuda_graph)
-        state = train.start(args, device, data, build)
+        state = train.start(args, device, data, net)
         train.train_epochs(state, args, data, args.epochs)
         states.append(state)
     return states
@@ -105,7 +104,7 @@ def assert_same_training(eager, graph, tolerance):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=tolerance["weights"], msg=name)
 
 
-class WithTemperature(Net):
+class WithTemperature(Reference):
     """A 0-d parameter, as a learned temperature would be: the step's scalars must fit it."""
 
     def __init__(self):
@@ -116,14 +115,14 @@ class WithTemperature(Net):
         return super().forward(x) * self.temperature
 
 
-@pytest.mark.parametrize("ema, build, weights", [("0.995", None, 1e-4), ("0", None, 1e-4),
-                                                  ("0.995", lambda args: WithTemperature(), 1e-2)],
+@pytest.mark.parametrize("ema, net, weights", [("0.995", Reference, 1e-4), ("0", Reference, 1e-4),
+                                                ("0.995", WithTemperature, 1e-2)],
                          ids=["weight-average", "raw-weights", "scalar-parameter"])
-def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, build, weights):
+def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, net, weights):
     """On the CPU both paths draw the same random numbers in the same order (augmentation, then
     dropout), so two epochs, one augmented and one not, a ragged last batch in each, must agree
     up to float rounding."""
-    eager, graph = two_runs(test_tensors, "cpu", "--ema", ema, build=build)
+    eager, graph = two_runs(test_tensors, "cpu", "--ema", ema, net=net)
     assert graph.graphed.step_index.item() == 2 * 16
     # Rounding apart, the same training. torch's SGD and the hand-written one round differently
     # in the last bit, and 32 steps amplify that: allow 0.1 % of a loss (losses are 0.4 to 2 here)
@@ -140,7 +139,7 @@ def test_warm_up_leaves_no_trace_even_at_the_last_step(test_tensors):
     images, labels = test_tensors
     data = (images[:200], labels[:200], images[200:300], labels[200:300], "val")
     args = flags("--epochs", "1", cuda_graph=True)
-    state = train.start(args, "cpu", data)
+    state = train.start(args, "cpu", data, Reference)
     steps = state.graphed
     steps.step_index.fill_(state.steps_per_epoch * args.epochs - 1)  # the last real step
     steps.indices[64] = torch.arange(64)
@@ -159,7 +158,7 @@ def test_captured_graphs_train_like_the_eager_loop_on_cuda(test_tensors, monkeyp
     momentum, or not at all, lands far outside it."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    eager, graph = two_runs(test_tensors, "cuda", "--no-augment", build=lambda args: without_dropout())
+    eager, graph = two_runs(test_tensors, "cuda", "--no-augment", net=without_dropout)
     assert graph.graphed.step_index.item() == 2 * 16
     assert set(graph.graphed.graphs) == {(64, False), (40, False)}
     assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-2, "train_accuracy": 1.0,
@@ -186,7 +185,7 @@ def test_captured_run_with_augmentation_and_dropout_learns_on_cuda(test_tensors)
     assert losses[0] != losses[1]
 
 
-class ReadsBack(Net):
+class ReadsBack(Reference):
     """Reads a value back to Python in forward: runs eagerly, but cannot be captured as a graph."""
 
     def forward(self, x):
@@ -201,6 +200,6 @@ def test_a_step_that_cannot_be_captured_trains_eagerly_on_cuda(test_tensors, cap
     images, labels = (t.to("cuda") for t in test_tensors)
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")
     _, metrics = train.run(flags("--epochs", "1", cuda_graph=True), torch.device("cuda"), data,
-                           build=lambda args: ReadsBack())
+                           net=ReadsBack)
     assert metrics["cuda_graph"] is False and metrics["history"][-1]["val_accuracy"] > 50
     assert "could not be captured as a CUDA graph" in capsys.readouterr().err

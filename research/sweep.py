@@ -1,7 +1,7 @@
 """The size frontier on the held-out split: many candidate nets, many seeds each, on one GPU.
 
-    python sweep.py --seeds 32 --out DIR                 # every candidate -> DIR/sweep-NAME.json each
-    python sweep.py --candidates c11-1x1 --seeds 2 --epochs 1 --device cpu --out /tmp   # a dry run
+    python -m research.sweep --seeds 32 --out DIR        # every candidate -> DIR/sweep-NAME.json each
+    python -m research.sweep --candidates c11-1x1 --seeds 2 --epochs 1 --device cpu --out /tmp   # a dry run
 
 A tiny net leaves a GPU idle between kernel launches, so N seeds of one candidate train as one
 network: every conv is grouped, one group per seed, and BatchNorm, SiLU, Dropout, the SGD step and
@@ -24,10 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from cli import positive, writable_dir
 from data import DataError, augment, to_float
-from model import DROPOUT, MNIST_MEAN, MNIST_STD
-from test_model import MIN_ACCURACY
+from research.nets import DROPOUT, MNIST_MEAN, MNIST_STD
+from rules import MIN_ACCURACY
 
 HOLDOUT = 10_000
 
@@ -145,12 +144,12 @@ def summary_row(record):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
-    p.add_argument("--seeds", type=positive(int), default=32, help="seeds per candidate, trained as one net")
-    p.add_argument("--epochs", type=positive(int), default=train.EPOCHS)
-    p.add_argument("--jobs", type=positive(int), default=len(CANDIDATES), help="candidates at a time")
+    p.add_argument("--seeds", type=train.positive(int), default=32, help="seeds per candidate, trained as one net")
+    p.add_argument("--epochs", type=train.positive(int), default=train.EPOCHS)
+    p.add_argument("--jobs", type=train.positive(int), default=len(CANDIDATES), help="candidates at a time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR)
-    p.add_argument("--out", type=writable_dir, required=True)
+    p.add_argument("--out", type=train.writable_dir, required=True)
     args = p.parse_args()
     try:  # once here, so that the processes find the files extracted, or one line says what is missing
         train.load_splits(args.data_dir, "cpu", HOLDOUT)

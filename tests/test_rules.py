@@ -1,6 +1,6 @@
 """The assignment's rules as examples: each way of writing a model that the gate accepts, and each
-way it refuses, with the message a student sees. The rules themselves are set at the top of
-test_model.py; check_architecture applies them to model.py's Net exactly as to these.
+way it refuses, with the message a student sees. The rules themselves are set in rules.py;
+checks.check_architecture applies them to model.py's Net exactly as to these.
 
 The accepted models are written the ways this course's students write them: modules or functional
 calls, logits or log_softmax, and optionally a fully-connected layer after the global average pool.
@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import test_model
+import checks
+from checks import check_architecture
 from summary import count_params
-from test_model import check_architecture
 
 
 def block(c_in, c_out, dropout=0.05, padding=0, bias=False):
@@ -447,7 +447,7 @@ def test_gate_refuses(model, message):
 
 
 def test_a_course_can_switch_the_classifier_off(monkeypatch):
-    monkeypatch.setattr(test_model, "CLASSIFIER_AFTER_GAP", False)
+    monkeypatch.setattr(checks, "CLASSIFIER_AFTER_GAP", False)
     with pytest.raises(AssertionError, match="`linear` runs after the global average pool: these rules allow no"):
         check_architecture(GapThenLinear())
     check_architecture(FunctionalGapLogSoftmax())  # no classifier: still fine

@@ -1,10 +1,12 @@
 """The whole GPU check in one command, for the few minutes a GPU is lent:
 
-    python gpucheck.py --out DIR              # on a CUDA machine: about 8 minutes
-    python gpucheck.py --out DIR --dry-run    # the same steps, tiny and on the CPU, to catch typos first
+    python -m research.gpucheck --out DIR              # on a CUDA machine: about 8 minutes
+    python -m research.gpucheck --out DIR --dry-run    # the same steps, tiny and on the CPU, to catch typos first
 
-1. the CUDA tests (test_graphed.py);
-2. `bench.py --compare graph`: eager against captured steps, whole process and training, alternating;
+It trains model.py's Net, the default, through train.py.
+
+1. the CUDA tests (tests/test_graphed.py);
+2. `research.bench --compare graph`: eager against captured steps, whole process and training, alternating;
 3. seeds on the test set: 48 of the captured path and 24 of the eager one, each process a
    `train.py --seeds ...` of its own, 12 seeds a process, all processes at once. Few processes:
    24 at once on one H200 time-sliced the GPU so that a captured run took 95-163 s instead of about
@@ -22,11 +24,10 @@ import sys
 import time
 
 import train
-from cli import positive, writable_dir
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
-from plots import BAR
+from rules import MIN_ACCURACY as BAR
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: train.py's folder
 RECORDS = {"cuda-graph": "seeds-cuda.json", "cuda-eager": "seeds-cuda-eager.json"}
 
 
@@ -82,11 +83,11 @@ def seeds(paths, flags, out, deadline):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=writable_dir, required=True, help="directory for the logs and records")
-    p.add_argument("--graph-seeds", type=positive(int), help="seeds of the captured path (48; dry run 2)")
-    p.add_argument("--eager-seeds", type=positive(int), help="seeds of the eager path (24; dry run 1)")
-    p.add_argument("--seeds-per-process", type=positive(int), default=12)
-    p.add_argument("--deadline", type=positive(int), default=280, help="seconds for the seeds step")
+    p.add_argument("--out", type=train.writable_dir, required=True, help="directory for the logs and records")
+    p.add_argument("--graph-seeds", type=train.positive(int), help="seeds of the captured path (48; dry run 2)")
+    p.add_argument("--eager-seeds", type=train.positive(int), help="seeds of the eager path (24; dry run 1)")
+    p.add_argument("--seeds-per-process", type=train.positive(int), default=12)
+    p.add_argument("--deadline", type=train.positive(int), default=280, help="seconds for the seeds step")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny and on the CPU: 3 seeds of 1 epoch, no capture, no bench")
     args = p.parse_args()
@@ -103,11 +104,11 @@ def main():
     counts = {"cuda-graph": args.graph_seeds, "cuda-eager": args.eager_seeds}
     paths = {path: (list(range(1, n + 1)), -(-n // args.seeds_per_process)) for path, n in counts.items()}
 
-    tests = step("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_graphed.py",
+    tests = step("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_graphed.py",
                                 "-k", "on_cuda" if not args.dry_run else "schedule"],
                  os.path.join(out, "tests.log"), 240)
     bench = (None if args.dry_run else
-             step("bench", [sys.executable, "bench.py", "--compare", "graph", "--rounds", "2"],
+             step("bench", [sys.executable, "-m", "research.bench", "--compare", "graph", "--rounds", "2"],
                   os.path.join(out, "bench.log"), 240))
     records = seeds(paths, flags, out, args.deadline)
 
