@@ -17,8 +17,12 @@ average pool written as x.sum((2, 3)) / 36 is not recognised as one, and is refu
 """
 import copy
 import inspect
+import json
+import os
+import re
 import sys
 import types
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -244,20 +248,121 @@ def receptive_field_table(model, size=28):
     return rows
 
 
-def format_tables(model):
-    """The layer table and the receptive-field table as text, each column as wide as its widest entry."""
-    def table(header, rows, align):
-        cells = [header] + [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-        return "\n".join("  ".join(c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip()
-                         for row in cells)
+def tables(model):
+    """The layer table, the receptive-field table and the count, as JSON-ready rows: what
+    `python summary.py` prints, and what train.py keeps in metrics.json as the trained model's."""
+    return {"params": count_params(model),
+            "layers": [[name, kind, str(list(shape)), params] for name, kind, shape, params in layer_table(model)],
+            "receptive_field": [list(row) for row in receptive_field_table(model)]}
 
-    layers = [[name, kind, str(list(shape)), params] for name, kind, shape, params in layer_table(model)]
-    layers.append(["total", "", "", count_params(model)])
-    fields = [list(row) for row in receptive_field_table(model)]
-    return (table(["layer", "type", "output shape", "params"], layers, "<<>>") + "\n\n" +
-            table(["layer", "k", "p", "s", "n_in", "n_out", "j_in", "RF"], fields, "<>>>>>>>"))
+
+def format_table(header, rows, align):
+    """Plain-text columns, each as wide as its widest entry; align: "<" or ">" per column."""
+    cells = [header] + [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip()
+                     for row in cells)
+
+
+def format_tables(t):
+    """tables(model)'s two tables as text."""
+    layers = format_table(["layer", "type", "output shape", "params"], t["layers"] + [["total", "", "", t["params"]]],
+                          "<<>>")
+    fields = format_table(["layer", "k", "p", "s", "n_in", "n_out", "j_in", "RF"], t["receptive_field"], "<>>>>>>>")
+    return layers, fields
+
+
+# --- The README's generated blocks: `python summary.py --readme` ------------------------------------
+# A block sits between two marker lines, and the command rewrites what is between them, nothing else:
+#   <!-- begin layers: python summary.py --readme -->
+#   <!-- end layers -->
+BLOCK = re.compile(r"(<!-- begin (?P<name>[a-z-]+): python summary\.py --readme -->\n)(?P<body>.*?)(<!-- end (?P=name) -->)",
+                   re.S)
+BLOCK_NAMES = ("rules", "layers", "receptive-field", "last-epochs")
+SHOWN_EPOCHS = 5  # the last-epochs table
+HERE = Path(__file__).parent
+
+
+def readme_blocks(metrics):
+    """{block name: markdown} from a run's metrics.json: its model's tables and figures, its last epochs."""
+    from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW
+
+    history = metrics["history"]
+    last = [h["test_accuracy"] for h in history[-LAST_EPOCHS:]]
+    layers, fields = format_tables(metrics)
+    rows = ["| epoch | lr | augmented | train loss | train acc % | test loss | test acc % |",
+            "|---:|---:|:---:|---:|---:|---:|---:|"]
+    for h in history[-SHOWN_EPOCHS:]:
+        accuracy = f"{h['test_accuracy']:.2f}"
+        if h in history[-LAST_EPOCHS:]:
+            accuracy = f"**{accuracy}**"
+        rows.append(f"| {h['epoch']} | {h['lr']:.4f} | {'yes' if h['augmented'] else 'no'} | {h['train_loss']:.4f} | "
+                    f"{h['train_accuracy']:.2f} | {h['test_loss']:.4f} | {accuracy} |")
+    return {
+        "rules": "\n".join([
+            "| rule | the assignment | this model |", "|---|---|---|",
+            f"| parameters | fewer than {PARAMS_BELOW:,} | {metrics['params']:,} |",
+            f"| test accuracy | ≥ {MIN_ACCURACY:.2f} % in each of the last {LAST_EPOCHS} epochs | "
+            f"{', '.join(f'{a:.2f}' for a in last)} |",
+            f"| epochs | ≤ {MAX_EPOCHS} | {metrics['epochs']} |"]),
+        "layers": f"```\n{layers}\n```",
+        "receptive-field": f"```\n{fields}\n```",
+        "last-epochs": "\n".join(rows) + f"\n\nThe saved model is the last epoch's ({last[-1]:.2f} %). "
+                       f"[All {len(history)} epochs](metrics.json); the curves:\n\n![training curves](curves.png)",
+    }
+
+
+def refresh_readme(text, blocks):
+    """text with each marked block's body replaced by blocks[name]; unknown names are left alone."""
+    def fill(block):
+        return block.group(0) if block["name"] not in blocks else block.group(1) + blocks[block["name"]] + "\n" + block.group(4)
+    return BLOCK.sub(fill, text)
+
+
+def stale_blocks(text, metrics):
+    """The names of text's marked blocks that differ from what write_readme would write for this run."""
+    return [m["name"] for m in BLOCK.finditer(refresh_readme(text, readme_blocks(metrics)))
+            if m.group(0) not in text]
+
+
+def write_readme(readme=HERE / "README.md", metrics_path=HERE / "metrics.json"):
+    """Rewrites readme's marked blocks from the committed run; returns the message to print.
+    Raises ValueError with a one-line reason when the run cannot describe model.py's Net."""
+    readme, metrics_path = Path(readme), Path(metrics_path)
+    text = readme.read_text()
+    if not BLOCK.search(text):
+        return (f"{readme.name} has no generated blocks, so it was left alone. To add one, put the two lines "
+                "`<!-- begin layers: python summary.py --readme -->` and `<!-- end layers -->` where the table "
+                f"goes (blocks: {', '.join(BLOCK_NAMES)})")
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        blocks = readme_blocks(metrics)
+    except FileNotFoundError:
+        raise ValueError(f"{metrics_path.name} is missing: run `python train.py` first") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{metrics_path.name} is not a run of the current train.py ({type(e).__name__}: {e}): "
+                         "run `python train.py` first") from None
+    params = count_params(student_net()())
+    if params != metrics["params"]:
+        raise ValueError(f"model.py's Net carries {params:,} numbers, the committed run's model {metrics['params']:,}: "
+                         "run `python train.py` first, then this command")
+    new = refresh_readme(text, blocks)
+    if new == text:
+        return f"{readme.name} is up to date"
+    tmp = readme.with_name(readme.name + ".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, readme)  # all at once: an interrupted write leaves the old README
+    changed = [m["name"] for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new)) if m["body"] != n["body"]]
+    return f"rewrote {readme.name}'s blocks: {', '.join(changed)}"
 
 
 if __name__ == "__main__":
-    print(format_tables(student_net()()))
+    if sys.argv[1:] == ["--readme"]:
+        try:
+            print(write_readme())
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    elif sys.argv[1:]:
+        sys.exit("usage: python summary.py [--readme]")
+    else:
+        print("\n\n".join(format_tables(tables(student_net()()))))

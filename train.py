@@ -33,7 +33,7 @@ from tqdm import tqdm
 import graphed
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
 from rules import LAST_EPOCHS  # model.pt keeps the weights of the epochs the gate re-scores
-from summary import buildable, count_params, student_net
+from summary import buildable, count_params, student_net, tables
 
 # Defaults. Each but the recipe's constants (momentum, weight decay, augmentation ranges) is a flag below.
 EPOCHS = 15
@@ -504,6 +504,7 @@ def train_and_save(args, net):
     if args.holdout and os.path.samefile(args.out, HERE):
         sys.exit("error: --holdout would replace the test-set run the gate checks here; pass --out DIR")
     device = pick_device(args.device)
+    layout = tables(net())  # the model's layer and receptive-field tables, kept with its run for the README
     try:
         data = load_splits(args.data_dir, device, args.holdout)
         if args.augment and args.epochs <= args.clean_epochs:
@@ -512,10 +513,13 @@ def train_and_save(args, net):
         if args.seeds:
             return run_seeds(args, device, data, net)
         weights, metrics = run(args, device, data, net)
+        metrics.update(layers=layout["layers"], receptive_field=layout["receptive_field"])
         config = {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "data_dir")}
         save_artifacts(args.out, weights, metrics, config)
         print(f"{metrics['eval_split']} accuracy {metrics[metrics['eval_split'] + '_accuracy']:.2f}%  "
               f"params {metrics['params']}  wrote model.pt, metrics.json, curves.png to {args.out}")
+        if os.path.samefile(args.out, HERE):
+            print("`python summary.py --readme` refreshes README.md's tables and figures from this run")
     except DataError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

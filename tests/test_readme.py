@@ -1,0 +1,87 @@
+"""`python summary.py --readme` keeps the README's tables and figures true to the committed run, and
+this repository's own README is current. The command's blocks come from metrics.json, which keeps
+the trained model's tables, so none of this reads model.py (but write_readme's check that the run
+is model.py's Net, which these tests point at the reference net)."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import summary
+from conftest import ROOT, RUN
+from reference import Reference
+
+OUTSIDE = "# A student's submission\n\nTheir own words, which the command never touches.\n"
+
+
+def test_this_readme_is_current():
+    metrics = json.loads((ROOT / "metrics.json").read_text())
+    stale = summary.stale_blocks((ROOT / "README.md").read_text(), metrics)
+    assert not stale, f"README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`"
+
+
+@pytest.fixture
+def fork(tmp_path, monkeypatch):
+    """A README with every block, empty, between a student's own text, and a run of the reference
+    net whose metrics.json keeps its tables as train.py writes them."""
+    monkeypatch.setattr(summary, "student_net", lambda: Reference)
+    metrics = json.loads((RUN / "metrics.json").read_text())
+    metrics.update({k: v for k, v in summary.tables(Reference()).items() if k != "params"})
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    blocks = "".join(f"<!-- begin {name}: python summary.py --readme -->\n<!-- end {name} -->\n{OUTSIDE}"
+                     for name in summary.BLOCK_NAMES)
+    (tmp_path / "README.md").write_text(OUTSIDE + blocks)
+    return tmp_path
+
+
+def write(folder):
+    return summary.write_readme(folder / "README.md", folder / "metrics.json")
+
+
+def test_the_command_fills_every_block_and_nothing_else(fork):
+    before = (fork / "README.md").read_text()
+    assert write(fork) == "rewrote README.md's blocks: rules, layers, receptive-field, last-epochs"
+    after = (fork / "README.md").read_text()
+    assert summary.BLOCK.sub("", after) == summary.BLOCK.sub("", before)  # outside the markers: the same
+    assert "| parameters | fewer than 8,000 | 5,288 |" in after
+    assert "conv5.0  Conv2d" in after and "head     3  0  1     6      4     2  22" in after
+    assert "| 15 | 0.0022 | no |" in after and "**99.47**" in after and "![training curves](curves.png)" in after
+    assert write(fork) == "README.md is up to date"  # idempotent
+    assert (fork / "README.md").read_text() == after
+
+
+def test_a_hand_edit_inside_a_block_is_stale_until_the_command_runs(fork):
+    write(fork)
+    metrics = json.loads((fork / "metrics.json").read_text())
+    edited = (fork / "README.md").read_text().replace("| 5,288 |", "| 4,999 |")
+    assert summary.stale_blocks(edited, metrics) == ["rules"]
+    (fork / "README.md").write_text(edited)
+    write(fork)
+    assert summary.stale_blocks((fork / "README.md").read_text(), metrics) == []
+
+
+def test_a_readme_without_markers_is_left_alone(fork):
+    (fork / "README.md").write_text(OUTSIDE)
+    assert "has no generated blocks, so it was left alone" in write(fork)
+    assert (fork / "README.md").read_text() == OUTSIDE
+
+
+def test_a_run_of_another_model_is_refused(fork, monkeypatch):
+    class Wider(Reference):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Parameter(torch.zeros(10))
+
+    monkeypatch.setattr(summary, "student_net", lambda: Wider)
+    before = (fork / "README.md").read_text()
+    with pytest.raises(ValueError, match=r"model.py's Net carries 5,298 numbers, the committed run's model 5,288: "
+                                         r"run `python train.py` first"):
+        write(fork)
+    assert (fork / "README.md").read_text() == before
+
+
+def test_a_run_without_tables_names_the_fix(fork):
+    shutil.copy(RUN / "metrics.json", fork / "metrics.json")  # written before runs kept their tables
+    with pytest.raises(ValueError, match=r"metrics.json is not a run of the current train.py \(KeyError: 'layers'\)"):
+        write(fork)
