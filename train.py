@@ -25,12 +25,14 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import graphed
+from checks import Refusal, Unusable, check_architecture, check_runs
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
 from rules import LAST_EPOCHS  # model.pt keeps the weights of the epochs the gate re-scores
 from summary import buildable, count_params, student_net, tables
@@ -214,6 +216,46 @@ def make_optimizer(params, args, steps_per_epoch):
     return optimizer, scheduler
 
 
+def first_forward(model, device):
+    """One forward pass before training: a lazy layer (nn.LazyLinear) makes its weights in its first
+    one, and the optimizer and the weight average must hold them. In eval mode, so that BatchNorm's
+    statistics stay as they are, and on a forked random stream, so that the run draws the same
+    numbers after it as without it (a lazy layer's weights come from the seeded stream all the same)."""
+    was_training = model.training
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        model.eval()(torch.zeros(2, 1, 28, 28, device=device))
+    model.train(was_training)
+
+
+def preflight(net):
+    """Before any data loads: builds net(), runs it on one image and on several, in eval and training
+    mode, counts what the gate counts and prints the gate's verdict on its architecture, so that what
+    can go wrong with a model shows in seconds, not after the last epoch.
+
+    A model that cannot be trained, counted or scored as it is (forward raises, or the output is not
+    (N, 10) for every N, one image included) stops here with one line, after the traceback of its
+    own error if it raised one. A model the gate refuses still trains, after the refusal is printed:
+    a student may want to see what an 8,500-parameter net scores; its artifacts are written as
+    usual, and `pytest -q` fails on it with the same message."""
+    with torch.random.fork_rng(devices=[]):  # the run's random stream starts where it would have
+        model = net()
+        try:
+            check_runs(model)
+            count = count_params(model)
+        except Unusable as e:
+            if e.__cause__ is not None:  # raised in forward: its traceback points at the line to fix
+                traceback.print_exception(e.__cause__)
+            sys.exit(f"error: {e}")
+        except Exception as e:
+            sys.exit(f"error: the numbers the model carries could not be counted ({type(e).__name__}: {e})")
+        try:
+            check_architecture(model)
+            print(f"gate: the architecture passes ({count:,} numbers carried)", flush=True)
+        except Refusal as e:
+            print(f"gate: the architecture would be refused: {e}\n(training it anyway; `pytest -q` will fail on it)",
+                  flush=True)
+
+
 def start(args, device, data, net=None):
     """A fresh run seeded with args.seed, before its first epoch, of net() (default: model.py's
     Net). train_epochs advances it; a deepcopy of it, with the RNG state, forks it (an
@@ -221,6 +263,7 @@ def start(args, device, data, net=None):
     torch.manual_seed(args.seed)  # before the model exists: the seed fixes its initial weights too
     train_x, train_y = data[:2]
     model = (net or student_net())().to(device)
+    first_forward(model, device)
     average = WeightAverage(model, args.ema) if args.ema else None
     steps = -(-len(train_y) // args.batch_size)
     state = argparse.Namespace(model=model, average=average, optimizer=None, scheduler=None, graphed=None,
@@ -503,6 +546,7 @@ def train_and_save(args, net):
         sys.exit(f"error: {problem}")
     if args.holdout and os.path.samefile(args.out, HERE):
         sys.exit("error: --holdout would replace the test-set run the gate checks here; pass --out DIR")
+    preflight(net)
     device = pick_device(args.device)
     layout = tables(net())  # the model's layer and receptive-field tables, kept with its run for the README
     try:

@@ -6,6 +6,7 @@ The accepted models are written the ways this course's students write them: modu
 calls, logits or log_softmax, and optionally a fully-connected layer after the global average pool.
 """
 import sys
+import textwrap
 import types
 
 import numpy as np
@@ -199,6 +200,86 @@ class JustUnderTheLimit(ModuleGap):
         self.spare = nn.Parameter(torch.zeros(7_999 - count_params(ModuleGap())))
 
 
+class SqueezeExcitation(ModuleGap):
+    """A textbook squeeze-and-excitation block before the head: pool, Linear, ReLU, Linear, sigmoid,
+    scale the map. Both Linears act on the pooled vector, not on a map."""
+
+    def __init__(self):
+        super().__init__()
+        self.squeeze, self.excite = nn.Linear(16, 4), nn.Linear(4, 16)
+
+    def forward(self, x):
+        x = self.features(x)
+        w = torch.sigmoid(self.excite(F.relu(self.squeeze(F.adaptive_avg_pool2d(x, 1).flatten(1)))))
+        return self.gap(self.to_classes(x * w.view(-1, 16, 1, 1))).flatten(1)
+
+
+class MeanAxis(ModuleGap):
+    """x.mean(axis=(2, 3)): torch takes axis as another name for dim."""
+
+    def forward(self, x):
+        return self.to_classes(self.features(x)).mean(axis=(2, 3))
+
+
+class MeanOfRowMeans(ModuleGap):
+    """x.mean(-1).mean(-1): the mean of the rows' means is the mean of the map."""
+
+    def forward(self, x):
+        return self.to_classes(self.features(x)).mean(-1).mean(-1)
+
+
+class CastsAfterPool(ModuleGap):
+    """.float(), .contiguous(), .clone() after the pool change no value."""
+
+    def forward(self, x):
+        return self.gap(self.to_classes(self.features(x))).float().contiguous().flatten(1).clone()
+
+
+class NormalisedUnderNoGrad(ModuleGap):
+    """The input normalised inside `with torch.no_grad():` (it needs no gradient)."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = (x - 0.1307) / 0.3081
+        return super().forward(x)
+
+
+class LazyLinearAfterPool(ModuleGap):
+    """nn.LazyLinear as the classifier: its weights are made in the first forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.fc(self.gap(self.features(x)).flatten(1))
+
+
+class ResidualAndConcat(nn.Module):
+    """A residual skip and an inception-style torch.cat of two branches, ModuleList blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = block(1, 8)
+        self.branches = nn.ModuleList([block(8, 4, padding=1), nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))])
+        self.body = nn.Sequential(nn.MaxPool2d(2), block(8, 16), block(16, 16), nn.Conv2d(16, 10, 3, dilation=2))
+        self.gap = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + torch.cat([branch(x) for branch in self.branches], 1)
+        return F.log_softmax(self.gap(self.body(x)).flatten(1), dim=1)
+
+
+class KeepsItsLastImages(ModuleGap):
+    """Keeps the last batch's input (self.cache = x.detach()): 784 numbers per image carried, counted
+    per image, whatever the batch (5,298 + 784 here)."""
+
+    def forward(self, x):
+        self.cache = x.detach()
+        return super().forward(x)
+
+
 ACCEPTED = {
     "modules-gap-logits": ModuleGap,
     "functional-gap-log-softmax": FunctionalGapLogSoftmax,
@@ -213,6 +294,14 @@ ACCEPTED = {
     "indexed-pool-functional-classifier": IndexedPoolFunctionalClassifier,
     "relu-before-the-pool": ReluBeforeThePool,
     "7999-numbers": JustUnderTheLimit,
+    "squeeze-excitation-before-the-head": SqueezeExcitation,
+    "mean-axis": MeanAxis,
+    "mean-of-row-means": MeanOfRowMeans,
+    "casts-after-pool": CastsAfterPool,
+    "normalised-under-no-grad": NormalisedUnderNoGrad,
+    "lazy-linear-after-pool": LazyLinearAfterPool,
+    "residual-and-concat": ResidualAndConcat,
+    "keeps-its-last-images": KeepsItsLastImages,
 }
 
 
@@ -412,6 +501,102 @@ class OverTheLimit(ModuleGap):
         self.spare = nn.Parameter(torch.zeros(8_000 - count_params(ModuleGap())))
 
 
+# --- refused: used in name only, maps that are not maps, the eval mode, a lost run ----------------
+
+class BatchNormTimesZero(FunctionalDropoutMean):
+    def forward(self, x):
+        x = self.conv1(x)
+        x = x + 0 * self.bn1(x)  # run, but the output does not depend on it
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.dropout(F.relu(self.conv3(x)), 0.05, training=self.training)
+        return self.conv4(x).mean((2, 3))
+
+
+class DropoutTimesZero(FunctionalDropoutMean):
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = x + 0 * F.dropout(x, 0.05, training=self.training)
+        return self.conv4(x).mean((2, 3))
+
+
+class PoolTimesZero(Variant):
+    def head(self, x):
+        return x.amax((2, 3)) + 0 * self.gap(x).flatten(1)
+
+
+class PaddedToAMap(DownTo1x1ThenPool):
+    """A 1x1 map zero-padded to 3x3 and then pooled: one value per channel, and zeros."""
+
+    def head(self, x):
+        return self.gap(F.pad(x, (1, 1, 1, 1))).flatten(1)
+
+
+class ExpandedPaddedConvolved(DownTo1x1ThenPool):
+    """A 1x1 map expanded, padded and convolved before the pool: still one position's values."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Conv2d(10, 10, 3, padding=1)
+
+    def head(self, x):
+        return self.gap(self.mix(F.pad(x.expand(-1, -1, 2, 2), (1, 1, 1, 1)))).flatten(1)
+
+
+class MatmulThenPool(Variant):
+    """A fully-connected head written as a matrix product: flatten, @ W, view as 2x2 maps, pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(10 * 8 * 8, 40) * 0.01)
+
+    def head(self, x):
+        return self.gap((x.flatten(1) @ self.w).view(-1, 10, 2, 2)).flatten(1)
+
+
+class MaxThenMean(Variant):
+    """x.amax(2).mean(2): a max over rows, then a mean: not an average over the map."""
+
+    def head(self, x):
+        return x.amax(2).mean(2)
+
+
+class MaxPoolInEval(Variant):
+    """Averages in training and takes the max in eval, which is what is scored."""
+
+    def head(self, x):
+        return (self.gap(x) if self.training else F.adaptive_max_pool2d(x, 1)).flatten(1)
+
+
+class LogSumExpInEval(Variant):
+    def head(self, x):
+        return self.gap(x).flatten(1) if self.training else torch.logsumexp(x.flatten(2), 2)
+
+
+class SqueezedLogits(Variant):
+    """x = self.gap(x).squeeze(): (N, 10) for N > 1, but (10,) for one image."""
+
+    def head(self, x):
+        return F.log_softmax(self.gap(x).squeeze(), dim=-1)
+
+
+class KeepsTooMuch(JustUnderTheLimit):
+    """7,999 numbers, and the last batch's input kept: 784 more per image."""
+
+    def forward(self, x):
+        self.cache = x.detach()
+        return super().forward(x)
+
+
+class LogitsUnderInferenceMode(ModuleGap):
+    """Forward under torch.inference_mode(): no gradient reaches the input, nor could training's."""
+
+    def forward(self, x):
+        with torch.inference_mode():
+            return super().forward(x)
+
+
 REFUSED = {
     "batchnorm-defined-not-called": (BatchNormNotCalled, "no BatchNorm ran"),
     "groupnorm-for-batchnorm": (lambda: without(nn.BatchNorm2d, lambda bn: nn.GroupNorm(2, bn.num_features)),
@@ -437,6 +622,19 @@ REFUSED = {
     "output-beside-the-pool": (OutputBesideThePool, "the output does not come from the global average pool"),
     "eleven-outputs": (ElevenOutputs, r"expected \(4, 10\)"),
     "8000-numbers": (OverTheLimit, "8,000 parameters and other carried numbers; the rule is fewer than 8,000"),
+    "batchnorm-times-zero": (BatchNormTimesZero, "no BatchNorm ran"),
+    "dropout-times-zero": (DropoutTimesZero, "no Dropout with p > 0"),
+    "pool-times-zero": (PoolTimesZero, "the output does not come from the global average pool"),
+    "1x1-padded-to-a-map": (PaddedToAMap, r"maps \(1, 1\) to \(1, 1\): it must pool a map larger than 1x1"),
+    "1x1-expanded-padded-convolved": (ExpandedPaddedConvolved, "larger than 1x1"),
+    "matmul-then-pool": (MatmulThenPool, r"`matmul` \(a fully-connected layer\) runs on a map before the global"),
+    "max-then-mean": (MaxThenMean, "no global average pooling"),
+    "max-pool-in-eval": (MaxPoolInEval, r"^in eval mode \(what is scored\): no global average pooling"),
+    "logsumexp-in-eval": (LogSumExpInEval, r"^in eval mode \(what is scored\): no global average pooling"),
+    "squeeze-drops-the-batch": (SqueezedLogits, r"output \(10,\) for 1 image in eval mode, expected \(1, 10\).*"
+                                                r"use x\.flatten\(1\)"),
+    "cache-tips-the-size": (KeepsTooMuch, r"8,783 parameters .*; not parameters: cache \(per image\) 784\)"),
+    "logits-under-inference-mode": (LogitsUnderInferenceMode, "logit 0 ignores 784 of the 784 input pixels"),
 }
 
 
@@ -497,34 +695,129 @@ class BatchNormTable(Variant):
         return super().forward(x + self.bank.running_mean[0])
 
 
-class WithClassTable(Variant):
-    BANK = torch.zeros(9_000)
+# --- model files: a student's model.py, as source ------------------------------------------------
+# What model.py holds at its top level is carried too, so the examples that hide a table there are
+# whole files, run as modules of their own; here at the top of this file their tables would be
+# reachable from every example above.
+
+def model_file(source):
+    """The Net of `source` run as a module of its own, as an imported model.py is (in sys.modules),
+    with torch, nn, F, types and this file's Variant in scope."""
+    model_file.made += 1
+    module = types.ModuleType(f"student_model_{model_file.made}")
+    module.__dict__.update(torch=torch, nn=nn, F=F, types=types, Variant=Variant)
+    sys.modules[module.__name__] = module
+    exec(textwrap.dedent(source), module.__dict__)
+    return module.Net
 
 
-class InheritsTable(WithClassTable):
-    """The table on a base class, not on the class the model is."""
+model_file.made = 0
 
-    def forward(self, x):
-        return super().forward(x + self.BANK[0])
+INHERITS_TABLE = """
+    class WithClassTable(Variant):
+        BANK = torch.zeros(9_000)
 
+    class Net(WithClassTable):  # the table on a base class, not on the class the model is
+        def forward(self, x):
+            return super().forward(x + self.BANK[0])
+"""
+DEFAULT_ARGUMENT = """
+    class Net(Variant):
+        def forward(self, x, bank=torch.zeros(9_000)):  # the table as a default value of forward's arguments
+            return super().forward(x + bank[0])
+"""
+HELPER_CLASS = """
+    class Tables:  # a helper class, not a module: its attribute is no parameter or buffer
+        BANK = torch.zeros(9_000)
 
-class WithDefaultArgument(Variant):
-    """The table as a default value of forward's arguments."""
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(x + Tables.BANK[0])
+"""
+SUB_BLOCK_INSTANCE = """
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(9_000))
 
-    def forward(self, x, bank=torch.zeros(9_000)):
-        return super().forward(x + bank[0])
+        def forward(self, x):
+            return x + self.table[0]
+
+    SHARED = Shift()  # an instance of a sub-block, not of Net: not a copy of the model
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(SHARED(x))
+"""
+LAMBDA_CLOSURE = """
+    class Net(Variant):
+        def __init__(self):
+            super().__init__()
+            table = torch.zeros(9_000)
+            self.shift = lambda x: x + table[0]  # the table in the lambda's closure
+
+        def forward(self, x):
+            return super().forward(self.shift(x))
+"""
+NAMESPACE = """
+    class Net(Variant):
+        def __init__(self):
+            super().__init__()
+            self.tables = types.SimpleNamespace(bank=torch.zeros(9_000))
+
+        def forward(self, x):
+            return super().forward(x + self.tables.bank[0])
+"""
+HELPER_DEFAULT = """
+    def shift(x, table=torch.zeros(9_000)):  # a top-level helper's default argument
+        return x + table[0]
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(shift(x))
+"""
+PYTHON_LIST = """
+    WEIGHTS = [0.0] * 9_000  # Python numbers, made a tensor in forward
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(x + torch.tensor(WEIGHTS)[0])
+"""
+INSTANCE_AT_THE_TOP = """
+    class Net(Variant):
+        pass
+
+    model = Net()  # a notebook-style instance: another copy of the model, not a table
+"""
+INSTANCE_WITH_A_TABLE = """
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(x + model.bank[0])
+
+    model = Net()
+    model.bank = torch.zeros(9_000)  # what the copy holds beyond the model counts
+"""
 
 
 @pytest.mark.parametrize("model, message", [
     (WithBuffer, "bank 9,000"),
     (lambda: WithBuffer(persistent=False), "bank 9,000"),
-    (WithPlainTensor, "bank 9,000"),
+    (WithPlainTensor, r"bank\[0\] 9,000"),
     (GrowsInForward, "bank 9,000"),
     (BatchNormTable, "bank.running_mean 9,000"),
-    (InheritsTable, "WithClassTable.BANK 9,000"),
-    (WithDefaultArgument, "WithDefaultArgument.forward defaults 9,000"),
+    (lambda: model_file(INHERITS_TABLE)(), r"WithClassTable\.BANK 9,000"),
+    (lambda: model_file(DEFAULT_ARGUMENT)(), r"Net\.forward\(bank=\.\.\.\) 9,000"),
+    (lambda: model_file(HELPER_CLASS)(), r"Tables\.BANK 9,000"),
+    (lambda: model_file(SUB_BLOCK_INSTANCE)(), r"\.SHARED\.table 9,000"),
+    (lambda: model_file(LAMBDA_CLOSURE)(), r"shift closure\[0\] 9,000"),
+    (lambda: model_file(NAMESPACE)(), r"tables\.bank 9,000"),
+    (lambda: model_file(HELPER_DEFAULT)(), r"\.shift\(table=\.\.\.\) 9,000"),
+    (lambda: model_file(PYTHON_LIST)(), r"\.WEIGHTS 9,000"),
+    (lambda: model_file(INSTANCE_WITH_A_TABLE)(), r"\.model\.bank 9,000"),
 ], ids=["buffer", "non-persistent-buffer", "plain-attribute", "registered-in-forward", "batchnorm-statistics",
-        "base-class-attribute", "default-argument"])
+        "base-class-attribute", "default-argument", "helper-class-attribute", "sub-block-instance-at-top-level",
+        "lambda-closure", "simple-namespace", "helper-function-default", "python-list-of-floats",
+        "top-level-net-given-a-table"])
 def test_gate_counts_every_number_carried(model, message):
     with pytest.raises(AssertionError, match=message):
         check_architecture(model())
