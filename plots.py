@@ -1,8 +1,6 @@
-"""The figures: training curves from a metrics history, each seed's worst late epoch, and the size
-frontier.
+"""The figures: training curves from a metrics history, and each seed's worst late epoch.
 
     python plots.py seeds.json [more seeds files ...]   # redraws seeds.png from one or more records
-    python plots.py frontier.json                       # draws frontier.png from the sweep's record
 """
 import json
 import math
@@ -77,67 +75,8 @@ def save_seeds(records, path):
     plt.close(fig)
 
 
-HEADS = {"3x3": ("s", "tab:orange", "3×3 head (a conv to 10 maps before the average pool)"),
-         "1x1": ("o", "tab:blue", "1×1 head (a bias-free 1×1 conv to 10 after the pool)")}
-
-
-def held(candidate):
-    """The share of a candidate's seeds, in %, that hold the bar in each of the last 3 epochs."""
-    return 100 * candidate["hold"] / candidate["seeds"]
-
-
-def save_frontier(record, path):
-    """The size frontier (sweep.py's candidates, as in frontier.json): per parameter count, the share of
-    seeds that hold the bar in each of the last 3 epochs, and the mean min of the last 3 with one
-    standard error (sd / sqrt(seeds)). The marker tells the head."""
-    candidates = sorted(record["candidates"], key=lambda c: c["params"])
-    counts = sorted({c["seeds"] for c in candidates})
-    seeds = f"{counts[0]} seeds each" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} seeds each"
-    split = (f"held-out split (last {record['holdout']:,} training images)" if record["split"] == "val"
-             else f"{record['split']} split")
-    device = record["device"].removeprefix("NVIDIA ")
-    fig, (ax_hold, ax_mean) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for head, (marker, colour, label) in HEADS.items():
-        rows = [c for c in candidates if c["head"] == head]
-        if not rows:
-            continue
-        x = [c["params"] for c in rows]
-        ax_hold.scatter(x, [held(c) for c in rows], marker=marker, color=colour, s=45, label=label, zorder=3)
-        ax_mean.errorbar(x, [c["mean_min_last_3"] for c in rows],
-                         yerr=[c["sd_min_last_3"] / math.sqrt(c["seeds"]) for c in rows],
-                         fmt=marker, color=colour, markersize=7, capsize=3, label=label, zorder=3)
-    for i, c in enumerate(candidates):
-        # Labels of neighbours within 200 parameters (about 6 % of the axis) would print over each
-        # other: the lower point is labelled below, the other above (c10x4-1x1 and c12-1x1 are 48
-        # apart). On the right the label clears the error bar.
-        close = [d for d in candidates[max(0, i - 1):i + 2] if d is not c and abs(d["params"] - c["params"]) <= 200]
-        se = c["sd_min_last_3"] / math.sqrt(c["seeds"])
-        for ax, value, bar in ((ax_hold, held(c), 0), (ax_mean, c["mean_min_last_3"], se)):
-            others = [held(d) if ax is ax_hold else d["mean_min_last_3"] for d in close]
-            below = bool(others) and all(value < o for o in others)
-            ax.annotate(c["candidate"], (c["params"], value - bar if below else value + bar),
-                        xytext=(0, -6 if below else 6), textcoords="offset points", ha="center",
-                        va="top" if below else "bottom", fontsize=7)
-    ax_hold.set(title=f"seeds holding {BAR:.2f}% in each of the last 3 epochs (%)", ylim=(-10, 105))
-    ax_mean.axhline(BAR, color="gray", linestyle="--", linewidth=1, label=f"{BAR:.2f}% bar")
-    ax_mean.set(title="mean min of the last 3 epochs (%), ± 1 standard error")
-    low = min(c["mean_min_last_3"] for c in candidates)
-    ax_mean.set_ylim(low - 0.05, max(BAR, max(c["mean_min_last_3"] for c in candidates)) + 0.05)
-    span = candidates[-1]["params"] - candidates[0]["params"]
-    for ax in (ax_hold, ax_mean):
-        ax.set_xlabel("parameters per net")
-        ax.set_xlim(candidates[0]["params"] - 0.06 * span, candidates[-1]["params"] + 0.06 * span)
-        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"The size frontier: {split}, {seeds}, {device}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
-
-
 def main(paths):
-    """Draws seeds.png from seeds records, or frontier.png from one frontier record (it has "candidates")."""
+    """Draws seeds.png from seeds records."""
     records = []
     for path in paths:
         try:
@@ -145,13 +84,7 @@ def main(paths):
                 records.append(json.load(f))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             sys.exit(f"error: {path}: {e}")
-    frontier = [isinstance(r, dict) and "candidates" in r for r in records]
-    if any(frontier) and len(records) > 1:
-        sys.exit("error: a frontier record (one with \"candidates\") is drawn alone: python plots.py frontier.json")
-    if any(frontier):
-        out, draw, what = "frontier.png", lambda p: save_frontier(records[0], p), "a frontier record like frontier.json"
-    else:
-        out, draw, what = "seeds.png", lambda p: save_seeds(records, p), "a seeds record from `python train.py --seeds`"
+    out, draw, what = "seeds.png", lambda p: save_seeds(records, p), "a seeds record from `python train.py --seeds`"
     try:
         draw(out + ".tmp")
     except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError, AttributeError) as e:
@@ -164,5 +97,5 @@ def main(paths):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python plots.py seeds.json [more seeds files ...] | python plots.py frontier.json")
+        sys.exit("usage: python plots.py seeds.json [more seeds files ...]")
     main(sys.argv[1:])

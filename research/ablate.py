@@ -68,6 +68,8 @@ FRONTIER = {
     "sep-24x4-1x1": ("8-8 / pool / separable 24-24-24-24, 1x1 head", [], separable((8, 8), (24,) * 4, "1x1")),
     "sep-24x4-1x1-b64": ("8-8 / pool / separable 24-24-24-24, 1x1 head, batch 64", ["--batch-size", "64"],
                          separable((8, 8), (24,) * 4, "1x1")),
+    "sep-28x3-sep3x3": ("8-8 / pool / separable 28-28-28, separable 3x3 head", [],
+                        separable((8, 8), (28,) * 3, "sep3x3")),
 }
 ROWS.update({name: (sized(what, build), flags, build) for name, (what, flags, build) in FRONTIER.items()})
 

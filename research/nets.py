@@ -8,8 +8,9 @@ Families:
   dropout after each conv in `after`;
 - separable: the same, but each conv after the pool is depthwise-separable: a 3x3 per channel, then a
   1x1 that mixes them (16 -> 16 channels cost 144 + 256 numbers instead of 2,304).
-The head is "3x3" (a 3x3 conv to 10 class maps, then the global average pool, as model.py's Net)
-or "1x1" (the global average pool, then a bias-free 1x1 conv to 10: a fully-connected layer on the
+The head is "3x3" (a 3x3 conv to 10 class maps, then the global average pool, as model.py's Net),
+"sep3x3" (the same conv made depthwise-separable: a 3x3 per channel, then a 1x1 to 10 maps) or
+"1x1" (the global average pool, then a bias-free 1x1 conv to 10: a fully-connected layer on the
 pooled vector).
 """
 import torch.nn as nn
@@ -40,6 +41,9 @@ class Family(nn.Module):
         layers += [conv_block(c_in, c_out, dropout, separable) for c_in, c_out in zip(widths, widths[1:])]
         if head == "3x3":
             layers += [nn.Conv2d(after[-1], 10, 3, bias=False), nn.AdaptiveAvgPool2d(1)]
+        elif head == "sep3x3":
+            layers += [nn.Conv2d(after[-1], after[-1], 3, groups=after[-1], bias=False),
+                       nn.Conv2d(after[-1], 10, 1, bias=False), nn.AdaptiveAvgPool2d(1)]
         else:
             layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(after[-1], 10, 1, bias=False)]
         self.layers = nn.Sequential(*layers, nn.Flatten())
