@@ -353,8 +353,9 @@ def check_runs(model):
 
 def redrawn(model):
     """A copy of model, its lazy layers built, with every weight that is random at construction
-    redrawn from a fixed seed (same mean and spread): the checks then give the same verdict on every
-    run. Constant weights (BatchNorm's ones and zeros) stay as they are."""
+    redrawn from a fixed seed at a fixed scale (1 / sqrt(fan-in)): the checks then give the same
+    verdict on every run, whatever weights the model was built with. Constant weights (BatchNorm's
+    ones and zeros) stay as they are."""
     model = copy.deepcopy(model)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -364,8 +365,8 @@ def redrawn(model):
                                          if name.rsplit(".", 1)[-1] not in BATCHNORM_STATISTICS)]
         for t in tables:
             if t.is_floating_point() and t.numel() > 1 and bool(t.max() != t.min()):
-                mean, spread = t.mean(), t.std()
-                t.copy_(torch.randn(t.shape, generator=generator).to(t) * spread + mean)
+                fan_in = t.numel() // t.shape[0] if t.dim() > 1 else t.numel()  # torch's usual scale, fixed
+                t.copy_(torch.randn(t.shape, generator=generator).to(t) * fan_in ** -0.5)
     return model.train()
 
 

@@ -5,9 +5,11 @@ checks.check_architecture applies them to model.py's Net exactly as to these.
 The accepted models are written the ways this course's students write them: modules or functional
 calls, logits or log_softmax, and optionally a fully-connected layer after the global average pool.
 """
+import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +32,110 @@ def trunk(width=16):
     """(N, 1, 28, 28) -> (N, width, 8, 8): every position of the output sees a 16x16 window, so a
     global average pool over it sees all 784 pixels."""
     return nn.Sequential(block(1, 8), block(8, width), nn.MaxPool2d(2), block(width, width), block(width, width))
+
+
+# --- model files: a student's model.py, as source ------------------------------------------------
+# What model.py holds at its top level is carried too, so the examples that hide a table there are
+# whole files, run as modules of their own; here at the top of this file their tables would be
+# reachable from every example above.
+
+def model_file(source):
+    """The Net of `source` run as a module of its own, as an imported model.py is (in sys.modules),
+    with torch, nn, F, types and this file's Variant in scope."""
+    model_file.made += 1
+    module = types.ModuleType(f"student_model_{model_file.made}")
+    module.__dict__.update(torch=torch, nn=nn, F=F, types=types, Variant=Variant)
+    sys.modules[module.__name__] = module
+    exec(textwrap.dedent(source), module.__dict__)
+    return module.Net
+
+
+model_file.made = 0
+
+INHERITS_TABLE = """
+    class WithClassTable(Variant):
+        BANK = torch.zeros(9_000)
+
+    class Net(WithClassTable):  # the table on a base class, not on the class the model is
+        def forward(self, x):
+            return super().forward(x + self.BANK[0])
+"""
+DEFAULT_ARGUMENT = """
+    class Net(Variant):
+        def forward(self, x, bank=torch.zeros(9_000)):  # the table as a default value of forward's arguments
+            return super().forward(x + bank[0])
+"""
+HELPER_CLASS = """
+    class Tables:  # a helper class, not a module: its attribute is no parameter or buffer
+        BANK = torch.zeros(9_000)
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(x + Tables.BANK[0])
+"""
+SUB_BLOCK_INSTANCE = """
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.zeros(9_000))
+
+        def forward(self, x):
+            return x + self.table[0]
+
+    SHARED = Shift()  # an instance of a sub-block, not of Net: not a copy of the model
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(SHARED(x))
+"""
+LAMBDA_CLOSURE = """
+    class Net(Variant):
+        def __init__(self):
+            super().__init__()
+            table = torch.zeros(9_000)
+            self.shift = lambda x: x + table[0]  # the table in the lambda's closure
+
+        def forward(self, x):
+            return super().forward(self.shift(x))
+"""
+NAMESPACE = """
+    class Net(Variant):
+        def __init__(self):
+            super().__init__()
+            self.tables = types.SimpleNamespace(bank=torch.zeros(9_000))
+
+        def forward(self, x):
+            return super().forward(x + self.tables.bank[0])
+"""
+HELPER_DEFAULT = """
+    def shift(x, table=torch.zeros(9_000)):  # a top-level helper's default argument
+        return x + table[0]
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(shift(x))
+"""
+PYTHON_LIST = """
+    WEIGHTS = [0.0] * 9_000  # Python numbers, made a tensor in forward
+
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(x + torch.tensor(WEIGHTS)[0])
+"""
+INSTANCE_AT_THE_TOP = """
+    class Net(Variant):
+        pass
+
+    model = Net()  # a notebook-style instance: another copy of the model, not a table
+"""
+INSTANCE_WITH_A_TABLE = """
+    class Net(Variant):
+        def forward(self, x):
+            return super().forward(x + model.bank[0])
+
+    model = Net()
+    model.bank = torch.zeros(9_000)  # what the copy holds beyond the model counts
+"""
 
 
 # --- accepted ------------------------------------------------------------------------------------
@@ -302,6 +408,7 @@ ACCEPTED = {
     "lazy-linear-after-pool": LazyLinearAfterPool,
     "residual-and-concat": ResidualAndConcat,
     "keeps-its-last-images": KeepsItsLastImages,
+    "net-instance-at-the-top-of-the-file": lambda: model_file(INSTANCE_AT_THE_TOP)(),
 }
 
 
@@ -695,110 +802,6 @@ class BatchNormTable(Variant):
         return super().forward(x + self.bank.running_mean[0])
 
 
-# --- model files: a student's model.py, as source ------------------------------------------------
-# What model.py holds at its top level is carried too, so the examples that hide a table there are
-# whole files, run as modules of their own; here at the top of this file their tables would be
-# reachable from every example above.
-
-def model_file(source):
-    """The Net of `source` run as a module of its own, as an imported model.py is (in sys.modules),
-    with torch, nn, F, types and this file's Variant in scope."""
-    model_file.made += 1
-    module = types.ModuleType(f"student_model_{model_file.made}")
-    module.__dict__.update(torch=torch, nn=nn, F=F, types=types, Variant=Variant)
-    sys.modules[module.__name__] = module
-    exec(textwrap.dedent(source), module.__dict__)
-    return module.Net
-
-
-model_file.made = 0
-
-INHERITS_TABLE = """
-    class WithClassTable(Variant):
-        BANK = torch.zeros(9_000)
-
-    class Net(WithClassTable):  # the table on a base class, not on the class the model is
-        def forward(self, x):
-            return super().forward(x + self.BANK[0])
-"""
-DEFAULT_ARGUMENT = """
-    class Net(Variant):
-        def forward(self, x, bank=torch.zeros(9_000)):  # the table as a default value of forward's arguments
-            return super().forward(x + bank[0])
-"""
-HELPER_CLASS = """
-    class Tables:  # a helper class, not a module: its attribute is no parameter or buffer
-        BANK = torch.zeros(9_000)
-
-    class Net(Variant):
-        def forward(self, x):
-            return super().forward(x + Tables.BANK[0])
-"""
-SUB_BLOCK_INSTANCE = """
-    class Shift(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = nn.Parameter(torch.zeros(9_000))
-
-        def forward(self, x):
-            return x + self.table[0]
-
-    SHARED = Shift()  # an instance of a sub-block, not of Net: not a copy of the model
-
-    class Net(Variant):
-        def forward(self, x):
-            return super().forward(SHARED(x))
-"""
-LAMBDA_CLOSURE = """
-    class Net(Variant):
-        def __init__(self):
-            super().__init__()
-            table = torch.zeros(9_000)
-            self.shift = lambda x: x + table[0]  # the table in the lambda's closure
-
-        def forward(self, x):
-            return super().forward(self.shift(x))
-"""
-NAMESPACE = """
-    class Net(Variant):
-        def __init__(self):
-            super().__init__()
-            self.tables = types.SimpleNamespace(bank=torch.zeros(9_000))
-
-        def forward(self, x):
-            return super().forward(x + self.tables.bank[0])
-"""
-HELPER_DEFAULT = """
-    def shift(x, table=torch.zeros(9_000)):  # a top-level helper's default argument
-        return x + table[0]
-
-    class Net(Variant):
-        def forward(self, x):
-            return super().forward(shift(x))
-"""
-PYTHON_LIST = """
-    WEIGHTS = [0.0] * 9_000  # Python numbers, made a tensor in forward
-
-    class Net(Variant):
-        def forward(self, x):
-            return super().forward(x + torch.tensor(WEIGHTS)[0])
-"""
-INSTANCE_AT_THE_TOP = """
-    class Net(Variant):
-        pass
-
-    model = Net()  # a notebook-style instance: another copy of the model, not a table
-"""
-INSTANCE_WITH_A_TABLE = """
-    class Net(Variant):
-        def forward(self, x):
-            return super().forward(x + model.bank[0])
-
-    model = Net()
-    model.bank = torch.zeros(9_000)  # what the copy holds beyond the model counts
-"""
-
-
 @pytest.mark.parametrize("model, message", [
     (WithBuffer, "bank 9,000"),
     (lambda: WithBuffer(persistent=False), "bank 9,000"),
@@ -868,3 +871,43 @@ def test_size_is_the_same_before_and_after_training():
     trained = GrowsSmall()
     trained(torch.zeros(2, 1, 28, 28))
     assert count_params(GrowsSmall()) == count_params(trained) == count_params(ModuleGap()) + 10
+
+
+def test_a_cache_counts_per_image_whatever_the_batch():
+    """self.cache = x.detach() holds the last batch: counted as what one image adds, 784 numbers,
+    before and after a forward pass of any size, so the gate and training agree."""
+    model = KeepsItsLastImages()
+    fresh = count_params(model)
+    model(torch.rand(7, 1, 28, 28))
+    assert fresh == count_params(model) == count_params(ModuleGap()) + 784
+
+
+def test_the_pixel_check_gives_the_same_answer_on_every_run():
+    """The blind pixels of a net with max-pools depend on its weights: the gate redraws them from a
+    fixed seed, so nets built from any seed get the same verdict."""
+    answers = set()
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        answers.add(tuple(checks.blind_pixels(checks.redrawn(MaxPoolInEval()))))
+    assert len(answers) == 1
+
+
+class RaisesInForward(ModuleGap):
+    def forward(self, x):
+        raise RuntimeError("shapes do not match\nsecond line")
+
+
+def test_a_model_whose_forward_raises_gets_a_one_line_verdict():
+    with pytest.raises(checks.Unusable, match=r"^forward raised RuntimeError: shapes do not match on 4 images in "
+                                              r"training mode$"):
+        check_architecture(RaisesInForward())
+
+
+def test_refusals_survive_python_O():
+    """The checks raise, not assert: `python -O` strips asserts, not the rules."""
+    code = ("import sys; sys.path[:0] = ['.', 'tests']; import test_rules, checks\n"
+            "try:\n    checks.check_architecture(test_rules.BatchNormNotCalled())\nexcept AssertionError as e:\n"
+            "    print(e)")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent).stdout
+    assert out.startswith("no BatchNorm ran in forward")
