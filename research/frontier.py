@@ -9,6 +9,7 @@ record. All are scored on the held-out split. Each row is compared, unpaired, wi
 of its device: on the CPU the default (width-12, 5,288 parameters), on the GPU the 5,906-parameter
 net the sweep was run against (no GPU record of the default exists).
 """
+import argparse
 import json
 import math
 import statistics
@@ -122,6 +123,8 @@ def draw(found, path):
 
 
 def main():
+    argparse.ArgumentParser(description="The size frontier of every family, from the records in research/records: "
+                                        "a screening table, and records/frontier.png.").parse_args()
     found = compared(rows())
     print(table(found))
     draw(found, RECORDS / "frontier.png")
