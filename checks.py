@@ -332,6 +332,9 @@ def check_size(model):
     return total
 
 
+SQUEEZE_HINT = " (x.squeeze() drops the batch dimension of a single image: use x.flatten(1))"
+
+
 def check_runs(model):
     """The model runs and returns (N, 10) for a batch of several images in training mode, and for
     several and for one in eval mode (scoring may feed one image at a time)."""
@@ -342,11 +345,10 @@ def check_runs(model):
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 out = copy.deepcopy(model).train(training)(torch.rand(n, 1, 28, 28))
         except Exception as e:
-            raise Unusable(f"forward raised {one_line(e)} on {images} in {mode} mode") from e
+            raise Unusable(f"forward raised {one_line(e)} on {images} in {mode} mode" +
+                           (f", though it ran on {BATCH}{SQUEEZE_HINT}" if n == 1 else "")) from e
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        hint = ""
-        if n == 1 and isinstance(out, torch.Tensor) and out.numel() == CLASSES:
-            hint = " (x.squeeze() drops the batch dimension of a single image: use x.flatten(1))"
+        hint = SQUEEZE_HINT if n == 1 and isinstance(out, torch.Tensor) and out.numel() == CLASSES else ""
         require(shape == (n, CLASSES), f"output {shape} for {images} in {mode} mode, expected ({n}, {CLASSES}): "
                                        f"logits or log-probabilities{hint}", Unusable)
 

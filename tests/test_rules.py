@@ -688,6 +688,13 @@ class SqueezedLogits(Variant):
         return F.log_softmax(self.gap(x).squeeze(), dim=-1)
 
 
+class SqueezedLogSoftmaxDim1(Variant):
+    """The same idiom with F.log_softmax(x, dim=1): for one image it raises, as (10,) has no dim 1."""
+
+    def head(self, x):
+        return F.log_softmax(self.gap(x).squeeze(), dim=1)
+
+
 class KeepsTooMuch(JustUnderTheLimit):
     """7,999 numbers, and the last batch's input kept: 784 more per image."""
 
@@ -740,6 +747,8 @@ REFUSED = {
     "logsumexp-in-eval": (LogSumExpInEval, r"^in eval mode \(what is scored\): no global average pooling"),
     "squeeze-drops-the-batch": (SqueezedLogits, r"output \(10,\) for 1 image in eval mode, expected \(1, 10\).*"
                                                 r"use x\.flatten\(1\)"),
+    "squeeze-then-log-softmax-dim-1": (SqueezedLogSoftmaxDim1, r"forward raised IndexError: .* on 1 image in eval mode, "
+                                                               r"though it ran on 4 \(x\.squeeze\(\) .*x\.flatten\(1\)"),
     "cache-tips-the-size": (KeepsTooMuch, r"8,783 parameters .*; not parameters: cache \(per image\) 784\)"),
     "logits-under-inference-mode": (LogitsUnderInferenceMode, "logit 0 ignores 784 of the 784 input pixels"),
 }
