@@ -70,6 +70,10 @@ FRONTIER = {
                          separable((8, 8), (24,) * 4, "1x1")),
     "sep-28x3-sep3x3": ("8-8 / pool / separable 28-28-28, separable 3x3 head", [],
                         separable((8, 8), (28,) * 3, "sep3x3")),
+    "sep-20x3-sep3x3": ("8-8 / pool / separable 20-20-20, separable 3x3 head", [],
+                        separable((8, 8), (20,) * 3, "sep3x3")),
+    "sep-32x3-sep3x3": ("8-8 / pool / separable 32-32-32, separable 3x3 head", [],
+                        separable((8, 8), (32,) * 3, "sep3x3")),
 }
 ROWS.update({name: (sized(what, build), flags, build) for name, (what, flags, build) in FRONTIER.items()})
 

@@ -33,7 +33,8 @@ FAMILY = {
     "depth-4x10": "plain, 3×3 head", "first-4-8": "plain, 3×3 head",
     "c11-1x1-b64": "plain, 1×1 head, batch 64",
     "sep-24x4-1x1": "separable, 1×1 head", "sep-24x4-1x1-b64": "separable, 1×1 head, batch 64",
-    "sep-28x3-sep3x3": "separable, separable 3×3 head",
+    "sep-28x3-sep3x3": "separable, separable 3×3 head", "sep-20x3-sep3x3": "separable, separable 3×3 head",
+    "sep-32x3-sep3x3": "separable, separable 3×3 head",
 }
 SAME_NET = {"clean-3": "width-13"}
 REFERENCE = {"CPU": "width-12", "H200": "c13-3x3"}
