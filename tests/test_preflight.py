@@ -54,7 +54,8 @@ class RaisesOnOneImage(ModuleGap):
 
 def test_an_error_in_forward_keeps_its_traceback_and_stops(no_data, tmp_path, capsys):
     message = main(RaisesOnOneImage, tmp_path)
-    assert message == "error: forward raised ValueError: one image is not a batch on 1 image in eval mode"
+    assert message == ("error: forward raised ValueError: one image is not a batch on 1 image in eval mode, though it "
+                       "ran on 4 (x.squeeze() drops the batch dimension of a single image: use x.flatten(1))")
     err = capsys.readouterr().err
     assert "Traceback" in err and "in forward" in err
 
