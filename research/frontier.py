@@ -66,8 +66,7 @@ def rows():
                 continue  # an ablation of the recipe, not a point of the frontier
             lows = [r["min_last_3"] for r in record["runs"] if r["row"] == name]
             net = SAME_NET.get(name, name)
-            found.append(summarise(f"{net} ({path.stem})" if net != name or name != path.stem else name,
-                                   FAMILY[name], "CPU", params(ROWS[net][2]), lows))
+            found.append(summarise(net, FAMILY[name], "CPU", params(ROWS[net][2]), lows) | {"record": path.name})
     return found
 
 
@@ -81,12 +80,14 @@ def compared(found):
 
 
 def table(found):
-    lines = ["| candidate | family | params | device | seeds | min of last 3, mean (sd) | hold | against the reference |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| candidate | family | params | device, record | seeds | min of last 3, mean (sd) | hold | "
+             "against the reference |", "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in sorted(found, key=lambda r: (r["device"], -r["params"])):
-        versus = "reference" if r["se"] == 0 else f"{r['diff']:+.3f} ± {r['se']:.3f}"
-        lines.append(f"| {r['candidate']} | {r['family']} | {r['params']:,} | {r['device']} | {r['seeds']} | "
-                     f"{r['mean']:.3f} ({r['sd']:.3f}) | {r['hold']} | {versus} |")
+        spread = f"{r['sd']:.3f}" if r["seeds"] > 1 else "–"
+        versus = "reference" if r["se"] == 0 else f"{r['diff']:+.3f}" + (f" ± {r['se']:.3f}" if r["seeds"] > 1 else
+                                                                          " (one seed, no spread)")
+        lines.append(f"| {r['candidate']} | {r['family']} | {r['params']:,} | {r['device']}, {r.get('record', SWEEP)} | {r['seeds']} | "
+                     f"{r['mean']:.3f} ({spread}) | {r['hold']} | {versus} |")
     return "\n".join(lines)
 
 
