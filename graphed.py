@@ -1,4 +1,4 @@
-"""The training step as a CUDA graph: train.py's GPU path with --cuda-graph.
+"""The training step as a CUDA graph: train.py's path on CUDA (the default there; --no-cuda-graph turns it off).
 
 One training step of this net is about a hundred small kernels. Launched one at a time from Python,
 they leave a big GPU waiting on the launches. Captured once as a CUDA graph, the whole step (batch

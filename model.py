@@ -17,7 +17,7 @@ def conv_block(c_in, c_out, dropout=0.0):
     """3x3 conv (no padding) -> BatchNorm -> SiLU [-> Dropout]. No conv bias: BN's shift replaces it.
 
     SiLU, x * sigmoid(x), is a smooth ReLU-like curve. Over 23 seeds on the held-out split it raised
-    the min of the last 3 epochs' accuracy by 0.03 points over ReLU (DESIGN.md).
+    the min of the last 3 epochs' accuracy by 0.03 points over ReLU (research/README.md).
     """
     layers = [nn.Conv2d(c_in, c_out, 3, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()]
     if dropout:
@@ -34,7 +34,7 @@ class Net(nn.Module):
         self.pool = nn.MaxPool2d(2)
         # Digit parts on small maps, where a parameter costs 6-16x less compute. 12 channels: 13
         # scored 0.014 +- 0.014 higher on held-out images for 618 more parameters, and every
-        # narrower net tried scored lower (DESIGN.md, the size frontier). Per-pixel dropout only
+        # narrower net tried scored lower (research/README.md, the size frontier). Per-pixel dropout only
         # here: on these few activations it is cheap, and it is gentler than dropping whole maps.
         self.conv3 = conv_block(8, 12, DROPOUT)
         self.conv4 = conv_block(12, 12, DROPOUT)

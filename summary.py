@@ -2,7 +2,8 @@
 layers and its receptive field. The gate measures models with these, so they live apart from
 model.py, the file a student edits: a count defined there could be edited to lie.
 
-    python summary.py      # the layer and receptive-field tables of model.py's Net
+    python summary.py            # the layer and receptive-field tables of model.py's Net
+    python summary.py --readme   # README.md's marked blocks, rewritten from the committed run
 
 How the gate sees what forward runs (torch_calls): a TorchFunctionMode is active for one forward
 pass and records each torch function and tensor method that the model's code calls, with its

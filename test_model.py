@@ -27,7 +27,7 @@ CLAIM_TOLERANCE = 0.02   # points (2 test images) between a claim and the CPU re
 
 ROOT = Path(__file__).parent
 METRICS, WEIGHTS = ROOT / "metrics.json", ROOT / "model.pt"
-RETRAIN = ("run `python train.py` (about 3 minutes on a laptop CPU) and commit model.pt, metrics.json and "
+RETRAIN = ("run `python train.py` (3 to 5 minutes on a laptop CPU) and commit model.pt, metrics.json and "
            "curves.png")
 CHECKPOINT_ENTRIES = {"model": dict, "last_epochs": dict, "config": dict}  # what train.py writes to model.pt
 

@@ -1,12 +1,12 @@
 """Train the MNIST Net and write its artifacts.
 
     python train.py                              # 15 epochs -> model.pt, metrics.json, curves.png
-    python train.py --seeds 1 2 3 4 5            # one run per seed -> seeds.json, seeds.png and a table
+    python train.py --seeds 1 2 3 --out runs     # one run per seed -> runs/seeds.json, seeds.png and a table
     python train.py --holdout 10000 --out /tmp   # score the last 10k training images instead
 
 The whole dataset sits on the training device as one uint8 tensor; each step slices a shuffled
 batch, augments it there and trains on it. That is what a DataLoader does, minus the per-sample
-Python work and the host-to-device copies (see bench.py for the difference). The step loop never
+Python work and the host-to-device copies (research/bench.py measures the difference). The step loop never
 reads a value back to the host, so a GPU is never made to wait; on CUDA each step is replayed from a
 captured graph (graphed.py; --no-cuda-graph runs the eager loop). What is evaluated and saved is a
 moving average of the weights (WeightAverage), not the weights of the last step.
@@ -195,7 +195,7 @@ def load_splits(data_dir, device, holdout):
     The held-out images are the last `holdout` of the training file. At the file's odd positions each
     writer's digits come in a run, so the odd half of the tail comes from writers the rest hardly
     shows, as all the test set's writers are new; the even positions are shuffled. A random slice
-    would share all its writers with the images trained on (DESIGN.md: held-out writers)."""
+    would share all its writers with the images trained on (research/README.md: held-out writers)."""
     images, labels = load_mnist(data_dir, train=True, device=device)
     if not holdout:
         return (images, labels, *load_mnist(data_dir, train=False, device=device), "test")

@@ -1,5 +1,5 @@
 """train.py beyond the gate: it trains any Net a student writes, a forked run equals the full run
-(which ablate.py's paired rows rely on), and the same weights give the same model.pt."""
+(which research/ablate.py's paired rows rely on), and the same weights give the same model.pt."""
 import copy
 import hashlib
 
@@ -18,7 +18,7 @@ def without_times(history):
 
 def test_a_forked_run_is_the_full_run(test_tensors):
     """Two runs that differ from epoch 3 on (augmentation in the last epoch or not), forked after
-    epoch 2 as ablate.py does, give the same numbers as each run done from scratch."""
+    epoch 2 as research/ablate.py does, give the same numbers as each run done from scratch."""
     images, labels = test_tensors
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")
     flags = {clean: train.parse_args(["--epochs", "3", "--batch-size", "64", "--clean-epochs", str(clean)])
