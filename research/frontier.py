@@ -57,16 +57,19 @@ def rows():
         if not lows:  # only the summary came back from the GPU machine
             row.update(seeds=c["seeds"], sd=c["sd_min_last_3"], hold=c["hold"])
         found.append(row)
+    lows, records = {}, {}  # a row's seeds may sit in several records (runs split over processes)
     for path in sorted(RECORDS.glob("*.json")):
         record = json.loads(path.read_text())
         if path.name == SWEEP or "runs" not in record:
             continue
-        for name in dict.fromkeys(r["row"] for r in record["runs"]):
-            if name not in FAMILY:
-                continue  # an ablation of the recipe, not a point of the frontier
-            lows = [r["min_last_3"] for r in record["runs"] if r["row"] == name]
-            net = SAME_NET.get(name, name)
-            found.append(summarise(net, FAMILY[name], "CPU", params(ROWS[net][2]), lows) | {"record": path.name})
+        for run in record["runs"]:
+            if run["row"] in FAMILY:  # not an ablation of the recipe
+                lows.setdefault(run["row"], []).append(run["min_last_3"])
+                records.setdefault(run["row"], {})[path.name] = None
+    for name, values in lows.items():
+        net = SAME_NET.get(name, name)
+        found.append(summarise(net, FAMILY[name], "CPU", params(ROWS[net][2]), values) |
+                     {"record": ", ".join(records[name])})
     return found
 
 
