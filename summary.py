@@ -4,6 +4,7 @@ model.py, the file a student edits: a count defined there could be edited to lie
 
     python summary.py            # the layer and receptive-field tables of model.py's Net
     python summary.py --readme   # README.md's marked blocks, rewritten from the committed run
+    python summary.py --check    # fails if those blocks differ from the committed run (CI)
 
 How the gate sees what forward runs (torch_calls): a TorchFunctionMode is active for one forward
 pass and records each torch function and tensor method that the model's code calls, with its
@@ -518,7 +519,12 @@ if __name__ == "__main__":
             print(write_readme())
         except ValueError as e:
             sys.exit(f"error: {e}")
+    elif sys.argv[1:] == ["--check"]:
+        stale = stale_blocks((HERE / "README.md").read_text(), json.loads((HERE / "metrics.json").read_text()))
+        if stale:
+            sys.exit(f"error: README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`")
+        print("README.md's blocks match the committed run")
     elif sys.argv[1:]:
-        sys.exit("usage: python summary.py [--readme]")
+        sys.exit("usage: python summary.py [--readme | --check]")
     else:
         print("\n\n".join(format_tables(tables(student_net()()))))

@@ -35,7 +35,7 @@ import graphed
 from checks import Refusal, Unusable, check_architecture, check_runs
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
 from rules import LAST_EPOCHS  # model.pt keeps the weights of the epochs the gate re-scores
-from summary import buildable, count_params, student_net, tables
+from summary import buildable, count_params, student_net, tables, write_readme
 
 # Defaults. Each but the recipe's constants (momentum, weight decay, augmentation ranges) is a flag below.
 EPOCHS = 15
@@ -530,6 +530,16 @@ def run_seeds(args, device, data, net=None):
     print(f"wrote {paths['seeds.json']} and {paths['seeds.png']}")
 
 
+def refreshed_readme(folder):
+    """The README beside the gated run shows that run's tables and figures: its marked blocks are
+    rewritten (summary.write_readme). Only a note if that cannot be done: the run itself is saved."""
+    folder = pathlib.Path(folder)
+    try:
+        return write_readme(folder / "README.md", folder / "metrics.json")
+    except (OSError, ValueError) as e:
+        return f"README.md's tables were not refreshed ({e})"
+
+
 def main(argv=None, net=None):
     """Parses argv and trains net() (default: model.py's Net; the project's tests pass their own)."""
     args = parse_args(argv)
@@ -564,7 +574,7 @@ def train_and_save(args, net):
         print(f"{metrics['eval_split']} accuracy {metrics[metrics['eval_split'] + '_accuracy']:.2f}%  "
               f"params {metrics['params']}  wrote model.pt, metrics.json, curves.png to {args.out}")
         if os.path.samefile(args.out, HERE):
-            print("`python summary.py --readme` refreshes README.md's tables and figures from this run")
+            print(refreshed_readme(args.out))
     except DataError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
