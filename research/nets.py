@@ -57,8 +57,8 @@ def plain(before, after, head):
     return lambda: Family(before, after, head)
 
 
-def separable(before, after, head):
-    return lambda: Family(before, after, head, separable=True)
+def separable(before, after, head, dropout=DROPOUT):
+    return lambda: Family(before, after, head, separable=True, dropout=dropout)
 
 
 def params(build):
