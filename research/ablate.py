@@ -74,6 +74,11 @@ FRONTIER = {
                                 ["--batch-size", "64"], separable((8, 8), (24,) * 4, "1x1", dropout=0.0)),
     "sep-20x5-1x1-b64": ("8-8 / pool / separable 20-20-20-20-20, 1x1 head, batch 64", ["--batch-size", "64"],
                          separable((8, 8), (20,) * 5, "1x1")),
+    "sep-24x4-pad-pool-b64": ("8-8 / pool / separable 24-24, padded / pool / separable 24-24, padded, 1x1 head, "
+                              "batch 64", ["--batch-size", "64"],
+                              separable((8, 8), (24, 24, "pool", 24, 24), "1x1", padding=1)),
+    "sep-24x4-pad-pool-res-b64": ("the same, with a skip around each 24 -> 24 conv, batch 64", ["--batch-size", "64"],
+                                  separable((8, 8), (24, 24, "pool", 24, 24), "1x1", padding=1, residual=True)),
     "sep-28x3-sep3x3": ("8-8 / pool / separable 28-28-28, separable 3x3 head", [],
                         separable((8, 8), (28,) * 3, "sep3x3")),
     "sep-20x3-sep3x3": ("8-8 / pool / separable 20-20-20, separable 3x3 head", [],

@@ -19,26 +19,47 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 DROPOUT = 0.05
 
 
-def conv_block(c_in, c_out, dropout=0.0, separable=False):
+def conv_block(c_in, c_out, dropout=0.0, separable=False, padding=0):
     """[depthwise 3x3 ->] 3x3 or 1x1 conv -> BatchNorm -> SiLU [-> Dropout], no conv bias."""
     if separable:
-        convs = [nn.Conv2d(c_in, c_in, 3, groups=c_in, bias=False), nn.Conv2d(c_in, c_out, 1, bias=False)]
+        convs = [nn.Conv2d(c_in, c_in, 3, padding=padding, groups=c_in, bias=False),
+                 nn.Conv2d(c_in, c_out, 1, bias=False)]
     else:
-        convs = [nn.Conv2d(c_in, c_out, 3, bias=False)]
+        convs = [nn.Conv2d(c_in, c_out, 3, padding=padding, bias=False)]
     layers = [*convs, nn.BatchNorm2d(c_out), nn.SiLU()]
     return nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout else []))
 
 
-class Family(nn.Module):
-    """before-pool convs, a max-pool, after-pool convs, and a head; input raw [0, 1] pixels."""
+class Residual(nn.Module):
+    """x + block(x): a skip around a block that keeps the shape."""
 
-    def __init__(self, before, after, head, separable=False, dropout=DROPOUT):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class Family(nn.Module):
+    """before-pool convs, a max-pool, after-pool convs, and a head; input raw [0, 1] pixels. An
+    entry "pool" in `after` is a second max-pool there; `padding` applies to the after-pool convs;
+    `residual` puts a skip around each after-pool conv that keeps its input's shape."""
+
+    def __init__(self, before, after, head, separable=False, dropout=DROPOUT, padding=0, residual=False):
         super().__init__()
         widths = (1, *before)
         layers = [conv_block(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])]
         layers.append(nn.MaxPool2d(2))
-        widths = (before[-1], *after)
-        layers += [conv_block(c_in, c_out, dropout, separable) for c_in, c_out in zip(widths, widths[1:])]
+        c_in = before[-1]
+        for c_out in after:
+            if c_out == "pool":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                block = conv_block(c_in, c_out, dropout, separable, padding)
+                layers.append(Residual(block) if residual and padding == 1 and c_in == c_out else block)
+                c_in = c_out
+        after = [c for c in after if c != "pool"]
         if head == "3x3":
             layers += [nn.Conv2d(after[-1], 10, 3, bias=False), nn.AdaptiveAvgPool2d(1)]
         elif head == "sep3x3":
@@ -57,8 +78,8 @@ def plain(before, after, head):
     return lambda: Family(before, after, head)
 
 
-def separable(before, after, head, dropout=DROPOUT):
-    return lambda: Family(before, after, head, separable=True, dropout=dropout)
+def separable(before, after, head, dropout=DROPOUT, padding=0, residual=False):
+    return lambda: Family(before, after, head, separable=True, dropout=dropout, padding=padding, residual=residual)
 
 
 def params(build):
