@@ -36,10 +36,9 @@ FAMILY = {
     "sep-28x3-sep3x3": "separable, separable 3×3 head", "sep-20x3-sep3x3": "separable, separable 3×3 head",
     "sep-32x3-sep3x3": "separable, separable 3×3 head",
     "sep-24x4-1x1-b32": "separable, 1×1 head, batch 32",
-    "sep-24x4-1x1-b64-nodrop": "separable, 1×1 head, batch 64, no dropout",
     "sep-20x5-1x1-b64": "separable, 1×1 head, batch 64",
+    "sep-24x4-1x1-b64-ema": "separable, 1×1 head, batch 64, average 0.9975",
     "sep-24x4-pad-pool-b64": "separable, padded, two pools, 1×1 head, batch 64",
-    "sep-24x4-pad-pool-res-b64": "separable, padded, two pools, skips, 1×1 head, batch 64",
 }
 SAME_NET = {"clean-3": "width-13"}
 REFERENCE = {"CPU": "width-12", "H200": "c13-3x3"}

@@ -7,7 +7,8 @@ Families:
 - plain: 3x3 convs (no padding) -> BatchNorm -> SiLU, a max-pool after the convs in `before`,
   dropout after each conv in `after`;
 - separable: the same, but each conv after the pool is depthwise-separable: a 3x3 per channel, then a
-  1x1 that mixes them (16 -> 16 channels cost 144 + 256 numbers instead of 2,304).
+  1x1 that mixes them (16 -> 16 channels cost 144 + 256 numbers instead of 2,304); padded, its convs
+  keep the map's size, and a second max-pool may sit among them.
 The head is "3x3" (a 3x3 conv to 10 class maps, then the global average pool, as model.py's Net),
 "sep3x3" (the same conv made depthwise-separable: a 3x3 per channel, then a 1x1 to 10 maps) or
 "1x1" (the global average pool, then a bias-free 1x1 conv to 10: a fully-connected layer on the
@@ -30,23 +31,11 @@ def conv_block(c_in, c_out, dropout=0.0, separable=False, padding=0):
     return nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout else []))
 
 
-class Residual(nn.Module):
-    """x + block(x): a skip around a block that keeps the shape."""
-
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return x + self.block(x)
-
-
 class Family(nn.Module):
     """before-pool convs, a max-pool, after-pool convs, and a head; input raw [0, 1] pixels. An
-    entry "pool" in `after` is a second max-pool there; `padding` applies to the after-pool convs;
-    `residual` puts a skip around each after-pool conv that keeps its input's shape."""
+    entry "pool" in `after` is a second max-pool there; `padding` applies to the after-pool convs."""
 
-    def __init__(self, before, after, head, separable=False, dropout=DROPOUT, padding=0, residual=False):
+    def __init__(self, before, after, head, separable=False, dropout=DROPOUT, padding=0):
         super().__init__()
         widths = (1, *before)
         layers = [conv_block(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])]
@@ -56,8 +45,7 @@ class Family(nn.Module):
             if c_out == "pool":
                 layers.append(nn.MaxPool2d(2))
             else:
-                block = conv_block(c_in, c_out, dropout, separable, padding)
-                layers.append(Residual(block) if residual and padding == 1 and c_in == c_out else block)
+                layers.append(conv_block(c_in, c_out, dropout, separable, padding))
                 c_in = c_out
         after = [c for c in after if c != "pool"]
         if head == "3x3":
@@ -78,8 +66,8 @@ def plain(before, after, head):
     return lambda: Family(before, after, head)
 
 
-def separable(before, after, head, dropout=DROPOUT, padding=0, residual=False):
-    return lambda: Family(before, after, head, separable=True, dropout=dropout, padding=padding, residual=residual)
+def separable(before, after, head, padding=0):
+    return lambda: Family(before, after, head, separable=True, padding=padding)
 
 
 def params(build):
