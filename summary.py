@@ -520,7 +520,10 @@ if __name__ == "__main__":
         except ValueError as e:
             sys.exit(f"error: {e}")
     elif sys.argv[1:] == ["--check"]:
-        stale = stale_blocks((HERE / "README.md").read_text(), json.loads((HERE / "metrics.json").read_text()))
+        try:
+            stale = stale_blocks((HERE / "README.md").read_text(), json.loads((HERE / "metrics.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            sys.exit(f"error: README.md or metrics.json cannot be read as the committed run's ({type(e).__name__}: {e})")
         if stale:
             sys.exit(f"error: README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`")
         print("README.md's blocks match the committed run")
