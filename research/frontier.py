@@ -37,6 +37,7 @@ FAMILY = {
     "sep-32x3-sep3x3": "separable, separable 3×3 head",
     "sep-24x4-1x1-b32": "separable, 1×1 head, batch 32",
     "sep-20x5-1x1-b64": "separable, 1×1 head, batch 64",
+    "sep-25x4-1x1-b64": "separable, 1×1 head, batch 64",
     "sep-24x4-1x1-b64-ema": "separable, 1×1 head, batch 64, average 0.9975",
     "sep-24x4-pad-pool-b64": "separable, padded, two pools, 1×1 head, batch 64",
 }
