@@ -74,6 +74,10 @@ FRONTIER = {
                          separable((8, 8), (20,) * 5, "1x1")),
     "sep-25x4-1x1-b64": ("8-8 / pool / separable 25-25-25-25, 1x1 head, batch 64", ["--batch-size", "64"],
                          separable((8, 8), (25,) * 4, "1x1")),
+    "sep-24x4-1x1-b64-lr0.05": ("8-8 / pool / separable 24-24-24-24, 1x1 head, batch 64, peak learning rate 0.05",
+                                ["--batch-size", "64", "--lr", "0.05"], separable((8, 8), (24,) * 4, "1x1")),
+    "sep-24x4-1x1-b64-lr0.2": ("8-8 / pool / separable 24-24-24-24, 1x1 head, batch 64, peak learning rate 0.2",
+                               ["--batch-size", "64", "--lr", "0.2"], separable((8, 8), (24,) * 4, "1x1")),
     "sep-24x4-1x1-b64-ema": ("8-8 / pool / separable 24-24-24-24, 1x1 head, batch 64, weight average 0.9975",
                              ["--batch-size", "64", "--ema", "0.9975"], separable((8, 8), (24,) * 4, "1x1")),
     "sep-24x4-pad-pool-b64": ("8-8 / pool / separable 24-24, padded / pool / separable 24-24, padded, 1x1 head, "

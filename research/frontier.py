@@ -38,6 +38,8 @@ FAMILY = {
     "sep-24x4-1x1-b32": "separable, 1×1 head, batch 32",
     "sep-20x5-1x1-b64": "separable, 1×1 head, batch 64",
     "sep-25x4-1x1-b64": "separable, 1×1 head, batch 64",
+    "sep-24x4-1x1-b64-lr0.05": "separable, 1×1 head, batch 64, peak lr 0.05",
+    "sep-24x4-1x1-b64-lr0.2": "separable, 1×1 head, batch 64, peak lr 0.2",
     "sep-24x4-1x1-b64-ema": "separable, 1×1 head, batch 64, average 0.9975",
     "sep-24x4-pad-pool-b64": "separable, padded, two pools, 1×1 head, batch 64",
 }
