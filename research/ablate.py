@@ -61,6 +61,7 @@ ROWS = {
 FRONTIER = {
     "width-13": ("8-8 / pool / 13-13-13, 3x3 head", [], plain((8, 8), (13, 13, 13), "3x3")),
     "width-12": ("8-8 / pool / 12-12-12, 3x3 head (the default)", [], DEFAULT),
+    "width-12-b64": ("8-8 / pool / 12-12-12, 3x3 head (the default), batch 64", ["--batch-size", "64"], DEFAULT),
     "depth-4x10": ("8-8 / pool / 10-10-10-10, 3x3 head", [], plain((8, 8), (10, 10, 10, 10), "3x3")),
     "first-4-8": ("4-8 / pool / 12-12-12, 3x3 head", [], plain((4, 8), (12, 12, 12), "3x3")),
     "c11-1x1-b64": ("8-8 / pool / 11-11-11, 1x1 head, batch 64", ["--batch-size", "64"],

@@ -30,6 +30,7 @@ SWEEP = "frontier.json"
 # Which CPU row belongs to which family; clean-epochs.json's "clean-3" row is the 13-channel net.
 FAMILY = {
     "width-13": "plain, 3×3 head", "clean-3": "plain, 3×3 head", "width-12": "plain, 3×3 head",
+    "width-12-b64": "plain, 3×3 head, batch 64",
     "depth-4x10": "plain, 3×3 head", "first-4-8": "plain, 3×3 head",
     "c11-1x1-b64": "plain, 1×1 head, batch 64",
     "sep-24x4-1x1": "separable, 1×1 head", "sep-24x4-1x1-b64": "separable, 1×1 head, batch 64",
