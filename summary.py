@@ -482,6 +482,19 @@ def stale_blocks(text, metrics):
             if m.group(0) not in text]
 
 
+def read_run(metrics_path):
+    """(metrics, readme_blocks(metrics)) of the run in metrics_path. Raises ValueError with a
+    one-line reason when the file is missing or is not a run of the current train.py."""
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        return metrics, readme_blocks(metrics)
+    except FileNotFoundError:
+        raise ValueError(f"{metrics_path.name} is missing: run `python train.py` first") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"{metrics_path.name} is not a run of the current train.py ({type(e).__name__}: {e}): "
+                         "run `python train.py` first") from None
+
+
 def write_readme(readme=HERE / "README.md", metrics_path=HERE / "metrics.json"):
     """Rewrites readme's marked blocks from the committed run; returns the message to print.
     Raises ValueError with a one-line reason when the run cannot describe model.py's Net."""
@@ -491,14 +504,7 @@ def write_readme(readme=HERE / "README.md", metrics_path=HERE / "metrics.json"):
         return (f"{readme.name} has no generated blocks, so it was left alone. To add one, put the two lines "
                 "`<!-- begin layers: python summary.py --readme -->` and `<!-- end layers -->` where the table "
                 f"goes (blocks: {', '.join(BLOCK_NAMES)})")
-    try:
-        metrics = json.loads(metrics_path.read_text())
-        blocks = readme_blocks(metrics)
-    except FileNotFoundError:
-        raise ValueError(f"{metrics_path.name} is missing: run `python train.py` first") from None
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise ValueError(f"{metrics_path.name} is not a run of the current train.py ({type(e).__name__}: {e}): "
-                         "run `python train.py` first") from None
+    metrics, blocks = read_run(metrics_path)
     params = count_params(student_net()())
     if params != metrics["params"]:
         raise ValueError(f"model.py's Net carries {params:,} numbers, the committed run's model {metrics['params']:,}: "
@@ -521,9 +527,9 @@ if __name__ == "__main__":
             sys.exit(f"error: {e}")
     elif sys.argv[1:] == ["--check"]:
         try:
-            stale = stale_blocks((HERE / "README.md").read_text(), json.loads((HERE / "metrics.json").read_text()))
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            sys.exit(f"error: README.md or metrics.json cannot be read as the committed run's ({type(e).__name__}: {e})")
+            stale = stale_blocks((HERE / "README.md").read_text(), read_run(HERE / "metrics.json")[0])
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {e}")
         if stale:
             sys.exit(f"error: README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`")
         print("README.md's blocks match the committed run")
