@@ -47,14 +47,13 @@ class Family(nn.Module):
             else:
                 layers.append(conv_block(c_in, c_out, dropout, separable, padding))
                 c_in = c_out
-        after = [c for c in after if c != "pool"]
         if head == "3x3":
-            layers += [nn.Conv2d(after[-1], 10, 3, bias=False), nn.AdaptiveAvgPool2d(1)]
+            layers += [nn.Conv2d(c_in, 10, 3, bias=False), nn.AdaptiveAvgPool2d(1)]
         elif head == "sep3x3":
-            layers += [nn.Conv2d(after[-1], after[-1], 3, groups=after[-1], bias=False),
-                       nn.Conv2d(after[-1], 10, 1, bias=False), nn.AdaptiveAvgPool2d(1)]
+            layers += [nn.Conv2d(c_in, c_in, 3, groups=c_in, bias=False),
+                       nn.Conv2d(c_in, 10, 1, bias=False), nn.AdaptiveAvgPool2d(1)]
         else:
-            layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(after[-1], 10, 1, bias=False)]
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, 10, 1, bias=False)]
         self.layers = nn.Sequential(*layers, nn.Flatten())
 
     def forward(self, x):
