@@ -1,5 +1,5 @@
 """How the gate judges a model against the assignment's rules (rules.py): by the torch operations
-its forward pass runs (summary.torch_calls), the numbers it carries (summary.carried_numbers) and
+its forward pass runs (measure.torch_calls), the numbers it carries (measure.carried_numbers) and
 the input pixels each logit depends on. test_model.py applies check_architecture to model.py's Net;
 train.py applies it before the first epoch, so a refusal shows in seconds, not after training.
 
@@ -7,14 +7,17 @@ Every verdict is the same on every run: the checks run on a copy of the model wh
 are redrawn from a fixed seed, on fixed inputs, with dropout's masks drawn from a fixed seed.
 """
 import copy
+import inspect
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from rules import CLASSES, CLASSIFIER_AFTER_GAP, PARAMS_BELOW
-from summary import BATCHNORM_STATISTICS, argument, carried_numbers, torch_calls
+from rules import CLASSES, FULLY_CONNECTED, PARAMS_BELOW
 
-# How the recorded torch calls (summary.torch_calls) are read. Modules and their functional forms
+CLASSIFIER_AFTER_GAP = FULLY_CONNECTED != "nowhere"  # rules.FULLY_CONNECTED: "anywhere" is not implemented yet
+from measure import BATCHNORM_STATISTICS, argument, carried_numbers, torch_calls
+
+# How the recorded torch calls (measure.torch_calls) are read. Modules and their functional forms
 # record the same name: nn.Dropout and F.dropout are both "dropout".
 BATCH_NORM = "batch_norm"
 DROPOUT_TRAINS_BY_DEFAULT = {"dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
@@ -51,6 +54,29 @@ def one_line(error):
     """An exception as one line: its type and the first line of its message."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+# --- the model under judgement: model.py's Net ----------------------------------------------------
+
+def buildable(cls):
+    """None if cls() can be called with no arguments, else a one-line reason. train.py and the gate
+    build model.py's Net() so; an error raised inside Net.__init__ is the student's, with its traceback."""
+    try:
+        inspect.signature(cls).bind()
+    except TypeError as e:
+        return (f"model.py's Net() must build with no arguments ({e}): give each argument of Net.__init__ "
+                "a default")
+    except ValueError:  # no signature to read: let the call itself say
+        pass
+    return None
+
+
+def student_net():
+    """model.py's Net class. Imported when asked for, not when this file is: the project's tests and
+    research scripts import the tools here and must start whatever model.py holds. An error in
+    model.py keeps its traceback, which points at the student's line."""
+    from model import Net
+    return Net
 
 
 # --- the forward pass, recorded ---------------------------------------------------------------------
@@ -311,7 +337,7 @@ def check_whole_image(model):
 
 def check_size(model):
     """Counts every number the model carries, not only model.parameters(): a buffer or a tensor
-    kept on the side is as much a learned table as a weight is (summary.carried_numbers)."""
+    kept on the side is as much a learned table as a weight is (measure.carried_numbers)."""
     try:
         carried = carried_numbers(model)
     except Exception as e:

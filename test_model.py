@@ -21,7 +21,8 @@ from torchvision.datasets import MNIST
 from checks import check_architecture
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
 from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY
-from summary import buildable, count_params, student_net
+from checks import buildable, student_net
+from measure import count_numbers
 
 CLAIM_TOLERANCE = 0.02   # points (2 test images) between a claim and the CPU re-score: GPU kernels round differently
 
@@ -155,7 +156,7 @@ def mnist_test_set(root=DEFAULT_DATA_DIR):
 def check_run(metrics_path, weights_path, test_set, net=None):
     """A committed run: its claims against the model and the bar, then its weights re-scored."""
     metrics = read_metrics(metrics_path)
-    check_metrics(metrics, count_params(new_model(net)))
+    check_metrics(metrics, count_numbers(new_model(net)))
     assert Path(weights_path).exists(), f"{Path(weights_path).name} is missing: {RETRAIN}"
     models = load_weights(metrics, weights_path, net)
     check_scores(metrics, {epoch: score(model, test_set) for epoch, model in models.items()})

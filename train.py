@@ -35,7 +35,9 @@ import graphed
 from checks import Refusal, Unusable, check_architecture, check_runs
 from data import DEFAULT_DATA_DIR, DataError, augment, load_mnist, to_float
 from rules import LAST_EPOCHS  # model.pt keeps the weights of the epochs the gate re-scores
-from summary import buildable, count_params, student_net, tables, write_readme
+from checks import buildable, student_net
+from measure import count_numbers
+from summary import tables, write_readme
 
 # Defaults. Each but the recipe's constants (momentum, weight decay, augmentation ranges) is a flag below.
 EPOCHS = 15
@@ -241,7 +243,7 @@ def preflight(net):
         model = net()
         try:
             check_runs(model)
-            count = count_params(model)
+            count = count_numbers(model)
         except Unusable as e:
             if e.__cause__ is not None:  # raised in forward: its traceback points at the line to fix
                 traceback.print_exception(e.__cause__)
@@ -313,7 +315,7 @@ def metrics_of(state, args, device, split):
     """The metrics.json record of a finished run."""
     history = state.history
     return {
-        "params": count_params(state.model), "epochs": args.epochs, "seed": args.seed,
+        "params": count_numbers(state.model), "epochs": args.epochs, "seed": args.seed,
         "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
         "ema": args.ema, "augment": AUGMENT if args.augment else None,
         "clean_epochs": args.clean_epochs, "device": str(device), "amp": args.amp, "cuda_graph": args.cuda_graph,

@@ -30,7 +30,7 @@ from torchvision.datasets import MNIST
 
 import train
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
-from summary import student_net
+from checks import student_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # research.bench runs from here
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import checks
 from checks import check_architecture
-from summary import count_params
+from measure import count_numbers
 
 
 def block(c_in, c_out, dropout=0.05, padding=0, bias=False):
@@ -303,7 +303,7 @@ class JustUnderTheLimit(ModuleGap):
 
     def __init__(self):
         super().__init__()
-        self.spare = nn.Parameter(torch.zeros(7_999 - count_params(ModuleGap())))
+        self.spare = nn.Parameter(torch.zeros(7_999 - count_numbers(ModuleGap())))
 
 
 class SqueezeExcitation(ModuleGap):
@@ -605,7 +605,7 @@ class ElevenOutputs(Variant):
 class OverTheLimit(ModuleGap):
     def __init__(self):
         super().__init__()
-        self.spare = nn.Parameter(torch.zeros(8_000 - count_params(ModuleGap())))
+        self.spare = nn.Parameter(torch.zeros(8_000 - count_numbers(ModuleGap())))
 
 
 # --- refused: used in name only, maps that are not maps, the eval mode, a lost run ----------------
@@ -863,7 +863,7 @@ def test_a_model_instance_at_the_top_of_the_file_is_not_a_table(monkeypatch):
     StudentNet.__module__ = student_file.__name__
     student_file.model = StudentNet()
     monkeypatch.setitem(sys.modules, student_file.__name__, student_file)
-    assert count_params(StudentNet()) == count_params(ModuleGap())
+    assert count_numbers(StudentNet()) == count_numbers(ModuleGap())
 
 
 class GrowsSmall(ModuleGap):
@@ -879,16 +879,16 @@ def test_size_is_the_same_before_and_after_training():
     """train.py counts the trained model, the gate a fresh one: both must count what forward adds."""
     trained = GrowsSmall()
     trained(torch.zeros(2, 1, 28, 28))
-    assert count_params(GrowsSmall()) == count_params(trained) == count_params(ModuleGap()) + 10
+    assert count_numbers(GrowsSmall()) == count_numbers(trained) == count_numbers(ModuleGap()) + 10
 
 
 def test_a_cache_counts_per_image_whatever_the_batch():
     """self.cache = x.detach() holds the last batch: counted as what one image adds, 784 numbers,
     before and after a forward pass of any size, so the gate and training agree."""
     model = KeepsItsLastImages()
-    fresh = count_params(model)
+    fresh = count_numbers(model)
     model(torch.rand(7, 1, 28, 28))
-    assert fresh == count_params(model) == count_params(ModuleGap()) + 784
+    assert fresh == count_numbers(model) == count_numbers(ModuleGap()) + 784
 
 
 def test_the_pixel_check_gives_the_same_answer_on_every_run():
