@@ -2,9 +2,8 @@
 
     python plots.py seeds.json [more seeds files ...]   # redraws seeds.png from one or more records
 """
+import io
 import json
-import math
-import os
 import sys
 
 import matplotlib
@@ -13,12 +12,22 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-from rules import MIN_ACCURACY as BAR  # the assignment's bar, set once in rules.py
+from artifacts import write_atomic
+from rules import LAST_EPOCHS, MIN_ACCURACY as BAR  # the course's bar, set once in rules.py
 
 ERROR_TICKS = [90, 50, 20, 10, 5, 2, 1, 0.5, 0.3, 0.2, 0.1]  # accuracy 10, 50, 80, ... 99.9
 
 
-def save_curves(history, path, averaged=True):
+def png(fig):
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def curves_png(history, averaged=True):
     """Loss and accuracy per epoch: the weights being trained, on the batches as they saw them
     (dropout on), against the evaluated model, by default the weight average. Epochs trained
     without augmentation are shaded."""
@@ -45,9 +54,7 @@ def save_curves(history, path, averaged=True):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    return png(fig)
 
 
 def seeds_label(record):
@@ -59,13 +66,18 @@ def seeds_label(record):
     return f"{record.get('device_name') or record['device'].upper()}{path}, {len(record['seeds'])} seeds"
 
 
-def save_seeds(records, path):
-    """One dot per seed: the lowest accuracy of its last 3 epochs, against the bar. One row per
+def lowest_last(seed):
+    """The lowest accuracy of a seed's last epochs (records before LAST_EPOCHS was a rule: min_last_3)."""
+    return seed["lowest_last"] if "lowest_last" in seed else seed["min_last_3"]
+
+
+def seeds_png(records):
+    """One dot per seed: the lowest accuracy of its last LAST_EPOCHS epochs, against the bar. One row per
     record (a seeds.json), labelled with its device and seed count; equal values stack upwards."""
     fig, ax = plt.subplots(figsize=(8, 1.4 + 0.9 * len(records)))
     lows_all = []
     for row, record in enumerate(records):
-        lows = [s["min_last_3"] for s in record["seeds"]]
+        lows = [lowest_last(s) for s in record["seeds"]]
         lows_all += lows
         stacked = [row + 0.1 * lows[:i].count(low) for i, low in enumerate(lows)]
         ax.scatter(lows, stacked, s=30, c=["tab:blue" if low >= BAR else "tab:red" for low in lows])
@@ -75,11 +87,10 @@ def save_seeds(records, path):
     ax.set_yticks(range(len(records)), [seeds_label(r) for r in records])
     ax.set_ylim(-0.4, len(records) - 0.2)
     ax.set_xlim(min(lows_all + [BAR]) - 0.03, max(lows_all + [BAR]) + 0.03)
-    ax.set_xlabel(f"lowest {records[0]['eval_split']} accuracy (%) of the last 3 epochs; dashed: the {BAR:.2f} bar")
+    ax.set_xlabel(f"lowest {records[0]['eval_split']} accuracy (%) of the last {LAST_EPOCHS} epochs; "
+                  f"dashed: the {BAR:.2f} bar")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+    return png(fig)
 
 
 def main(paths):
@@ -91,15 +102,12 @@ def main(paths):
                 records.append(json.load(f))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             sys.exit(f"error: {path}: {e}")
-    out, draw, what = "seeds.png", lambda p: save_seeds(records, p), "a seeds record from `python train.py --seeds`"
     try:
-        draw(out + ".tmp")
+        picture = seeds_png(records)
     except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError, AttributeError) as e:
-        if os.path.exists(out + ".tmp"):
-            os.remove(out + ".tmp")
-        sys.exit(f"error: not {what} ({type(e).__name__}: {e})")
-    os.replace(out + ".tmp", out)  # all at once: an interrupted run leaves the old picture
-    print(f"wrote {out} from {', '.join(paths)}")
+        sys.exit(f"error: not a seeds record from `python -m research.seeds` ({type(e).__name__}: {e})")
+    write_atomic("seeds.png", picture)
+    print(f"wrote seeds.png from {', '.join(paths)}")
 
 
 if __name__ == "__main__":

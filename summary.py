@@ -5,8 +5,9 @@ README's marked blocks, which show the rules, those two tables and the run's las
     python summary.py --readme   # README.md's marked blocks, rewritten from the committed run
     python summary.py --check    # fails if those blocks differ from the committed run (CI)
 """
+import argparse
+import collections
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import artifacts
+import rules
 from checks import student_net
 from measure import count_numbers
 
@@ -75,10 +78,9 @@ def receptive_field_table(model, size=28):
 
 
 def tables(model):
-    """The layer table, the receptive-field table and the count, as JSON-ready rows: what
-    `python summary.py` prints, and what train.py keeps in metrics.json as the trained model's."""
-    return {"params": count_numbers(model),
-            "layers": [[name, kind, str(list(shape)), params] for name, kind, shape, params in layer_table(model)],
+    """The layer table and the receptive-field table as JSON-ready rows: what `python summary.py`
+    prints, and what train.py keeps in metrics.json as the trained model's."""
+    return {"layers": [[name, kind, str(list(shape)), params] for name, kind, shape, params in layer_table(model)],
             "receptive_field": [list(row) for row in receptive_field_table(model)]}
 
 
@@ -102,39 +104,60 @@ def format_tables(t):
 # A block sits between two marker lines, and the command rewrites what is between them, nothing else:
 #   <!-- begin layers: python summary.py --readme -->
 #   <!-- end layers -->
+# Every figure of the course's rules and of the trained model in the README lives in such a block,
+# so that another course's rules.py, or a student's retrained model, never leaves a stale sentence.
 BLOCK = re.compile(r"(<!-- begin (?P<name>[a-z-]+): python summary\.py --readme -->\n)(?P<body>.*?)(<!-- end (?P=name) -->)",
                    re.S)
-BLOCK_NAMES = ("rules", "layers", "receptive-field", "last-epochs")
-SHOWN_EPOCHS = 5  # the last-epochs table
+BLOCK_NAMES = ("title", "rules", "model", "layers", "receptive-field", "last-epochs")
 HERE = Path(__file__).parent
 
 
-def readme_blocks(metrics):
-    """{block name: markdown} from a run's metrics.json: its model's tables and figures, its last epochs."""
-    from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW
+def rules_table(metrics, last):
+    """The course's rules (rules.py) beside this model's figures."""
+    fc = {"after-gap": "optional: one, classifying the pooled vector", "anywhere": "allowed anywhere",
+          "nowhere": "not allowed"}[rules.FULLY_CONNECTED]
+    required = lambda flag: "required" if flag else "optional"
+    return "\n".join([
+        "| rule | this course | this model |", "|---|---|---|",
+        f"| numbers carried (parameters and any other table) | fewer than {rules.PARAMS_BELOW:,} | {metrics['params']:,} |",
+        f"| test accuracy | ≥ {rules.MIN_ACCURACY:.2f} % in each of the last {rules.LAST_EPOCHS} epochs | "
+        f"{', '.join(f'{a:.2f}' for a in last)} |",
+        f"| epochs | ≤ {rules.MAX_EPOCHS} | {metrics['epochs']} |",
+        f"| BatchNorm, Dropout, global average pooling | {required(rules.REQUIRE_BATCHNORM)}, "
+        f"{required(rules.REQUIRE_DROPOUT)}, {required(rules.REQUIRE_GAP)} | `pytest -q` checks them |",
+        f"| a fully-connected layer | {fc} | `pytest -q` checks it |"])
 
-    history = metrics["history"]
-    last = [h["test_accuracy"] for h in history[-LAST_EPOCHS:]]
-    layers, fields = format_tables(metrics)
+
+def last_epochs_table(history):
+    """The run's last epochs, the ones the rule judges in bold."""
+    judged = history[-rules.LAST_EPOCHS:]
     rows = ["| epoch | lr | augmented | train loss | train acc % | test loss | test acc % |",
             "|---:|---:|:---:|---:|---:|---:|---:|"]
-    for h in history[-SHOWN_EPOCHS:]:
-        accuracy = f"{h['test_accuracy']:.2f}"
-        if h in history[-LAST_EPOCHS:]:
-            accuracy = f"**{accuracy}**"
+    for h in history[-(rules.LAST_EPOCHS + 2):]:
+        accuracy = f"**{h['test_accuracy']:.2f}**" if h in judged else f"{h['test_accuracy']:.2f}"
         rows.append(f"| {h['epoch']} | {h['lr']:.4f} | {'yes' if h['augmented'] else 'no'} | {h['train_loss']:.4f} | "
                     f"{h['train_accuracy']:.2f} | {h['test_loss']:.4f} | {accuracy} |")
+    return "\n".join(rows) + (f"\n\nThe saved model is the last epoch's ({judged[-1]['test_accuracy']:.2f} %). "
+                              f"[All {len(history)} epochs](metrics.json); the curves:\n\n![training curves](curves.png)")
+
+
+def readme_blocks(metrics):
+    """{block name: markdown} from a run's metrics.json and rules.py."""
+    history = metrics["history"]
+    last = [h["test_accuracy"] for h in history[-rules.LAST_EPOCHS:]]
+    layers, fields = format_tables(metrics)
+    kinds = collections.Counter(kind for _, kind, _, _ in metrics["layers"])
     return {
-        "rules": "\n".join([
-            "| rule | the assignment | this model |", "|---|---|---|",
-            f"| parameters | fewer than {PARAMS_BELOW:,} | {metrics['params']:,} |",
-            f"| test accuracy | ≥ {MIN_ACCURACY:.2f} % in each of the last {LAST_EPOCHS} epochs | "
-            f"{', '.join(f'{a:.2f}' for a in last)} |",
-            f"| epochs | ≤ {MAX_EPOCHS} | {metrics['epochs']} |"]),
+        "title": f"# MNIST in {metrics['params']:,} numbers, with a gate that checks the claim",
+        "rules": rules_table(metrics, last),
+        "model": (f"The model in `model.py` carries {metrics['params']:,} numbers in "
+                  f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())} layers. The committed run trained it "
+                  f"for {metrics['epochs']} epochs on {metrics['device']} (seed {metrics['seed']}, torch "
+                  f"{metrics['torch_version']}); its last {rules.LAST_EPOCHS} epochs scored "
+                  f"{', '.join(f'{a:.2f}' for a in last)} % on the test set."),
         "layers": f"```\n{layers}\n```",
         "receptive-field": f"```\n{fields}\n```",
-        "last-epochs": "\n".join(rows) + f"\n\nThe saved model is the last epoch's ({last[-1]:.2f} %). "
-                       f"[All {len(history)} epochs](metrics.json); the curves:\n\n![training curves](curves.png)",
+        "last-epochs": last_epochs_table(history),
     }
 
 
@@ -164,9 +187,10 @@ def read_run(metrics_path):
                          "run `python train.py` first") from None
 
 
-def write_readme(readme=HERE / "README.md", metrics_path=HERE / "metrics.json"):
+def write_readme(readme=HERE / "README.md", metrics_path=HERE / artifacts.METRICS, params=None):
     """Rewrites readme's marked blocks from the committed run; returns the message to print.
-    Raises ValueError with a one-line reason when the run cannot describe model.py's Net."""
+    params: what model.py's Net carries, if known (else counted here). Raises ValueError with a
+    one-line reason when the run cannot describe model.py's Net."""
     readme, metrics_path = Path(readme), Path(metrics_path)
     text = readme.read_text()
     if not BLOCK.search(text):
@@ -174,35 +198,42 @@ def write_readme(readme=HERE / "README.md", metrics_path=HERE / "metrics.json"):
                 "`<!-- begin layers: python summary.py --readme -->` and `<!-- end layers -->` where the table "
                 f"goes (blocks: {', '.join(BLOCK_NAMES)})")
     metrics, blocks = read_run(metrics_path)
-    params = count_numbers(student_net()())
+    params = count_numbers(student_net()()) if params is None else params
     if params != metrics["params"]:
         raise ValueError(f"model.py's Net carries {params:,} numbers, the committed run's model {metrics['params']:,}: "
                          "run `python train.py` first, then this command")
     new = refresh_readme(text, blocks)
     if new == text:
         return f"{readme.name} is up to date"
-    tmp = readme.with_name(readme.name + ".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, readme)  # all at once: an interrupted write leaves the old README
+    artifacts.write_atomic(readme, new)
     changed = [m["name"] for m, n in zip(BLOCK.finditer(text), BLOCK.finditer(new)) if m["body"] != n["body"]]
     return f"rewrote {readme.name}'s blocks: {', '.join(changed)}"
 
 
+def check_readme():
+    """CI's question: are this README's blocks the committed run's? A one-line answer either way."""
+    try:
+        stale = stale_blocks((HERE / "README.md").read_text(), read_run(HERE / artifacts.METRICS)[0])
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if stale:
+        sys.exit(f"error: README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`")
+    return "README.md's blocks match the committed run"
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--readme"]:
+    parser = argparse.ArgumentParser(description="The tables of model.py's Net, and the README's generated blocks.")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--readme", action="store_true", help="rewrite README.md's blocks from the committed run")
+    action.add_argument("--check", action="store_true", help="fail if README.md's blocks differ from the committed run")
+    options = parser.parse_args()
+    if options.readme:
         try:
             print(write_readme())
         except ValueError as e:
             sys.exit(f"error: {e}")
-    elif sys.argv[1:] == ["--check"]:
-        try:
-            stale = stale_blocks((HERE / "README.md").read_text(), read_run(HERE / "metrics.json")[0])
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        if stale:
-            sys.exit(f"error: README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`")
-        print("README.md's blocks match the committed run")
-    elif sys.argv[1:]:
-        sys.exit("usage: python summary.py [--readme | --check]")
+    elif options.check:
+        print(check_readme())
     else:
-        print("\n\n".join(format_tables(tables(student_net()()))))
+        model = student_net()()
+        print("\n\n".join(format_tables({**tables(model), "params": count_numbers(model)})))

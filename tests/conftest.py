@@ -15,6 +15,15 @@ sys.path.insert(0, str(HERE))  # tests/reference.py, for the tests and for train
 from reference import Reference  # noqa: E402
 
 
+def train_run(args, device, data, net):
+    """A whole run as train.main trains it, without saving: (Run, metrics)."""
+    import train
+
+    run = train.start(args, device, data, net)
+    train.train_epochs(run, args, data, args.epochs)
+    return run, train.metrics_of(run, args, device, data[-1], params=0)
+
+
 def train_command(*argv):
     """`python train.py ARGV`, but training the reference net, in a process of its own."""
     launch = f"import sys; sys.path.insert(0, {str(HERE)!r}); import train, reference; train.main(net=reference.Reference)"

@@ -21,9 +21,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+import artifacts
 import data
 import train
-from conftest import ROOT, RUN, train_command
+from conftest import ROOT, RUN, train_command, train_run
 from reference import Reference
 from rules import MAX_EPOCHS
 from measure import count_numbers
@@ -247,7 +248,7 @@ def test_gate_names_a_bad_checkpoint_value(claims, tmp_path, edit, message):
     (["--device", "tpu"], "invalid choice"),
     (["--device", "cuda"], "no CUDA GPU is available"),
     (["--device", "mps"], "Apple MPS is not available"),
-    (["--holdout", "60000"], "--holdout must be in"),
+    (["--holdout", "60000"], "must be in [0, 60000)"),
     (["--out", "no/such/dir"], "is not a writable directory"),
     (["--out", __file__], "is not a writable directory"),
 ])
@@ -302,7 +303,7 @@ def test_an_error_inside_net_keeps_its_traceback(test_tensors):
     images, labels = test_tensors
     data = (images[:64], labels[:64], images[64:128], labels[64:128], "val")
     with pytest.raises(ValueError, match="a bug in the student's own code") as error:
-        train.run(train.parse_args(["--epochs", "1"]), torch.device("cpu"), data, Broken)
+        train_run(train.parse_args(["--epochs", "1"]), torch.device("cpu"), data, Broken)
     assert error.traceback[-1].name == "__init__" and error.traceback[-1].path.name == "test_failures.py"
 
 
@@ -344,7 +345,11 @@ def test_truncated_extracted_file_is_reported(tmp_path):
 
 # --- an interrupted run keeps the previous artifacts ------------------------------------------------
 
-ONE_EPOCH = {"epoch": 1, "train_loss": 0.1, "train_accuracy": 97.0, "test_loss": 0.05, "test_accuracy": 99.0}
+THREE = (artifacts.MODEL, artifacts.METRICS, artifacts.CURVES)
+
+
+def three_files(folder):
+    return {os.path.join(folder, name): b"new " + name.encode() for name in THREE}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -355,7 +360,7 @@ def test_interrupted_run_leaves_previous_artifacts_untouched(tmp_path, sig):
     proc = subprocess.Popen(train_command("--epochs", "3", "--out", str(tmp_path)),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if "epoch  1" in line:
+        if "epoch  1/3" in line:
             break
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -393,28 +398,28 @@ def test_interrupt_during_the_renames_lands_after_them(tmp_path, monkeypatch, st
             time.sleep(0.05)  # time enough for the signal to be delivered and acted on, if it is let through
 
     monkeypatch.setattr(os, "replace", rename_then_interrupt)
-    monkeypatch.setattr(train, "saved", False)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            train.save_artifacts(str(tmp_path), {1: Reference().state_dict()}, {"history": [ONE_EPOCH]}, config={})
+        with pytest.raises(artifacts.StoppedAfterSaving):
+            artifacts.save_set(three_files(tmp_path))
     finally:
         busy.set()
-    assert train.saved
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "sent") == ["curves.png", "metrics.json", "model.pt"]
+    assert all((tmp_path / name).read_bytes() == b"new " + name.encode() for name in THREE)
 
 
 def test_interrupt_while_saving_keeps_the_previous_set(tmp_path, monkeypatch):
-    """Ctrl-C after model.pt is staged but before the set is renamed into place."""
-    import plots
-
-    before = {name: f"previous {name}".encode() for name in ("model.pt", "metrics.json", "curves.png")}
+    """Ctrl-C after the first file is staged but before the set is renamed into place."""
+    before = {name: f"previous {name}".encode() for name in THREE}
     for name, content in before.items():
         (tmp_path / name).write_bytes(content)
+    stage = artifacts._staged
 
-    def interrupted(history, path, **options):
-        raise KeyboardInterrupt
+    def interrupted_at_the_second(path, data):
+        if os.path.basename(path) != THREE[0]:
+            raise KeyboardInterrupt
+        return stage(path, data)
 
-    monkeypatch.setattr(plots, "save_curves", interrupted)
+    monkeypatch.setattr(artifacts, "_staged", interrupted_at_the_second)
     with pytest.raises(KeyboardInterrupt):
-        train.save_artifacts(str(tmp_path), {1: Reference().state_dict()}, {"history": [ONE_EPOCH]}, config={})
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        artifacts.save_set(three_files(tmp_path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no staged file is left either

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import train
+from conftest import train_run
+from measure import count_numbers
 from data import DataError
 from reference import Reference
 from test_rules import BatchNormNotCalled, LazyLinearAfterPool, ModuleGap, SqueezedLogits
@@ -72,5 +74,5 @@ def test_a_lazy_layer_trains_with_the_weight_average(test_tensors):
     images, labels = test_tensors
     data = (images[:256], labels[:256], images[256:512], labels[256:512], "val")
     args = train.parse_args(["--epochs", "1", "--batch-size", "64", "--ema", "0.9"])
-    _, metrics = train.run(args, torch.device("cpu"), data, LazyLinearAfterPool)
-    assert len(metrics["history"]) == 1 and metrics["params"] == 6_284
+    run, _ = train_run(args, torch.device("cpu"), data, LazyLinearAfterPool)
+    assert len(run.history) == 1 and count_numbers(run.model) == 6_284

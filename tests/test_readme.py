@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+import rules
 import summary
 import train
 from conftest import RUN
@@ -38,10 +39,10 @@ def write(folder):
 
 def test_the_command_fills_every_block_and_nothing_else(fork):
     before = (fork / "README.md").read_text()
-    assert write(fork) == "rewrote README.md's blocks: rules, layers, receptive-field, last-epochs"
+    assert write(fork) == f"rewrote README.md's blocks: {', '.join(summary.BLOCK_NAMES)}"
     after = (fork / "README.md").read_text()
     assert summary.BLOCK.sub("", after) == summary.BLOCK.sub("", before)  # outside the markers: the same
-    assert "| parameters | fewer than 8,000 | 5,288 |" in after
+    assert f"| fewer than {rules.PARAMS_BELOW:,} | 5,288 |" in after and "# MNIST in 5,288 numbers" in after
     assert "conv5.0  Conv2d" in after and "head     3  0  1     6      4     2  22" in after
     assert "| 15 | 0.0022 | no |" in after and "**99.47**" in after and "![training curves](curves.png)" in after
     assert write(fork) == "README.md is up to date"  # idempotent
@@ -88,8 +89,8 @@ def test_a_run_saved_beside_the_readme_refreshes_its_blocks(fork, monkeypatch, t
     images, labels = test_tensors
     monkeypatch.setattr(train, "HERE", str(fork))
     monkeypatch.setattr(train, "load_splits", lambda *_: (images[:256], labels[:256], images[256:512], labels[256:512], "test"))
-    train.train_and_save(train.parse_args(["--epochs", "1", "--out", str(fork)]), Reference)
+    train.main(["--epochs", "1", "--out", str(fork)], Reference)
     metrics = json.loads((fork / "metrics.json").read_text())
     assert metrics["history"][-1]["epoch"] == 1
-    assert "rewrote README.md's blocks: rules, layers, receptive-field, last-epochs" in capsys.readouterr().out
+    assert f"rewrote README.md's blocks: {', '.join(summary.BLOCK_NAMES)}" in capsys.readouterr().out
     assert summary.stale_blocks((fork / "README.md").read_text(), metrics) == []

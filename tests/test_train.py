@@ -6,8 +6,10 @@ import hashlib
 import pytest
 import torch
 
-import graphed
+import artifacts
+import steps
 import train
+from conftest import train_run
 from reference import Reference
 from test_rules import ACCEPTED
 
@@ -23,7 +25,7 @@ def test_a_forked_run_is_the_full_run(test_tensors):
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")
     flags = {clean: train.parse_args(["--epochs", "3", "--batch-size", "64", "--clean-epochs", str(clean)])
              for clean in (0, 1)}
-    whole = {clean: without_times(train.run(args, "cpu", data, Reference)[1]["history"]) for clean, args in flags.items()}
+    whole = {clean: without_times(train_run(args, "cpu", data, Reference)[0].history) for clean, args in flags.items()}
     state = train.start(flags[0], "cpu", data, Reference)
     train.train_epochs(state, flags[0], data, 2)
     rng = torch.get_rng_state()
@@ -41,24 +43,24 @@ def test_train_py_trains_every_accepted_form(test_tensors, model):
     images, labels = test_tensors
     data = (images[:512], labels[:512], images[512:1024], labels[512:1024], "val")
     args = train.parse_args(["--epochs", "2", "--batch-size", "64", "--clean-epochs", "0"])
-    _, metrics = train.run(args, torch.device("cpu"), data, model)
+    _, metrics = train_run(args, torch.device("cpu"), data, model)
     first, last = metrics["history"][0], metrics["history"][-1]
     assert last["train_loss"] < first["train_loss"] and last["val_accuracy"] > 10
 
 
 def test_a_step_that_cannot_be_captured_trains_eagerly(test_tensors, monkeypatch, capsys):
     """If a model's step cannot be captured as a CUDA graph, the run starts again with the eager loop
-    (on the CPU the capture is stood in for by an error at the first captured epoch)."""
-    def capture_fails(self, augmented, progress=iter):
-        raise graphed.CaptureError("the training step could not be captured as a CUDA graph (stand-in)")
+    (on the CPU the capture, which happens before the first epoch, is stood in for by an error)."""
+    def capture_fails(self, *args, **kwargs):
+        raise steps.CaptureError("the training step could not be captured as a CUDA graph (stand-in)")
 
-    monkeypatch.setattr(graphed.GraphedSteps, "epoch", capture_fails)
+    monkeypatch.setattr(steps.GraphedSteps, "__init__", capture_fails)
     images, labels = test_tensors
     data = (images[:256], labels[:256], images[256:512], labels[256:512], "val")
     args = train.parse_args(["--epochs", "1", "--batch-size", "64"])
     args.cuda_graph = True
-    _, metrics = train.run(args, torch.device("cpu"), data, Reference)
-    assert metrics["cuda_graph"] is False and len(metrics["history"]) == 1
+    run, metrics = train_run(args, torch.device("cpu"), data, Reference)
+    assert isinstance(run.steps, steps.EagerSteps) and metrics["cuda_graph"] is False and len(run.history) == 1
     assert "training with the eager loop instead" in capsys.readouterr().err
 
 
@@ -66,10 +68,10 @@ def test_the_same_weights_give_the_same_model_file(tmp_path):
     """torch.save into a file names the archive after the file; train.py saves through a buffer, so
     two saves of the same weights are the same bytes (the slow test trains twice and compares)."""
     weights = {1: Reference().state_dict()}
-    history = [{"epoch": 1, "train_loss": 0.1, "train_accuracy": 97.0, "test_loss": 0.05, "test_accuracy": 99.0}]
     digests = []
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
-        train.save_artifacts(str(tmp_path / run), weights, {"history": history}, config={"seed": 1})
-        digests.append(hashlib.sha256((tmp_path / run / "model.pt").read_bytes()).hexdigest())
+        path = tmp_path / run / artifacts.MODEL
+        artifacts.write_atomic(path, artifacts.checkpoint_bytes(weights, config={"seed": 1}))
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
     assert digests[0] == digests[1]

@@ -1,12 +1,12 @@
-"""graphed.py, the CUDA-graph training path, against the eager one in train.py.
+"""steps.py: GraphedSteps, the CUDA-graph training path, against EagerSteps, the plain loop.
 
-On the CPU its step runs eagerly (capture=False): the schedule tensors, the hand-written SGD and
-whole epochs are checked against the eager code there. The capture itself needs CUDA.
+On the CPU the graph-ready step runs eagerly (capture=False): the schedule tensors, the hand-written
+SGD and whole epochs are checked against the eager loop there. The capture itself needs CUDA.
 """
 import pytest
 import torch
 
-import graphed
+import steps
 import train
 from reference import Reference
 
@@ -24,7 +24,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def flags(*argv, cuda_graph=False):
-    """train.py's flags; cuda_graph=True also off CUDA, where graphed.py runs its step eagerly."""
+    """train.py's flags; cuda_graph=True also off CUDA, where GraphedSteps runs its step eagerly."""
     args = train.parse_args(["--epochs", "3", "--batch-size", "64", *argv])
     args.cuda_graph = cuda_graph
     return args
@@ -34,8 +34,8 @@ def eager_schedule(args, steps_per_epoch):
     """(lr, momentum) of each step as the eager loop's optimizer sees them, and the weight
     average's decay at each step, recorded from a real run of the eager objects."""
     model = Reference()
-    optimizer, scheduler = train.make_optimizer(model.parameters(), args, steps_per_epoch)
-    average = train.WeightAverage(model, args.ema)
+    optimizer, scheduler = steps.make_optimizer(model.parameters(), args, steps_per_epoch)
+    average = steps.WeightAverage(model, args.ema)
     lrs, momenta, decays = [], [], []
     for _ in range(steps_per_epoch * args.epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -50,13 +50,13 @@ def eager_schedule(args, steps_per_epoch):
 @pytest.mark.parametrize("schedule", ["onecycle", "step"])
 def test_schedule_tensors_match_the_eager_schedule(schedule):
     args = flags("--schedule", schedule)
-    steps = 10
-    x = torch.zeros(steps * args.batch_size, 1, 28, 28, dtype=torch.uint8)
-    y = torch.zeros(steps * args.batch_size, dtype=torch.long)
+    per_epoch = 10
+    x = torch.zeros(per_epoch * args.batch_size, 1, 28, 28, dtype=torch.uint8)
+    y = torch.zeros(per_epoch * args.batch_size, dtype=torch.long)
     state = train.start(flags("--schedule", schedule, cuda_graph=True), "cpu", (x, y, x, y, "val"), Reference)
-    lrs, momenta, decays = eager_schedule(args, steps)
-    total, padding = steps * args.epochs, graphed.WARM_UP_STEPS  # padded for a warm-up at the last step
-    for ours, eager in ((state.graphed.lrs, lrs), (state.graphed.momenta, momenta), (state.graphed.decays, decays)):
+    lrs, momenta, decays = eager_schedule(args, per_epoch)
+    total, padding = per_epoch * args.epochs, steps.WARM_UP_STEPS  # padded for a warm-up at the last step
+    for ours, eager in ((state.steps.lrs, lrs), (state.steps.momenta, momenta), (state.steps.decays, decays)):
         assert len(ours) == len(eager) + padding == total + padding
         assert torch.allclose(ours, torch.tensor(eager + eager[-1:] * padding))
     if schedule == "onecycle":  # the momentum cycle is there, not a constant
@@ -68,7 +68,7 @@ def test_hand_written_sgd_matches_torch_sgd():
     torch.manual_seed(0)
     ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
-    sgd = graphed.NesterovSGD(ours, weight_decay=1e-4)
+    sgd = steps.NesterovSGD(ours, weight_decay=1e-4)
     reference = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     for lr, momentum in [(0.01, 0.95), (0.05, 0.93), (0.1, 0.9), (0.07, 0.88), (0.02, 0.85)]:
         grads = [torch.randn_like(p) for p in ours]
@@ -123,7 +123,7 @@ def test_graph_ready_steps_train_like_the_eager_loop(test_tensors, ema, net, wei
     dropout), so two epochs, one augmented and one not, a ragged last batch in each, must agree
     up to float rounding."""
     eager, graph = two_runs(test_tensors, "cpu", "--ema", ema, net=net)
-    assert graph.graphed.step_index.item() == 2 * 16
+    assert graph.steps.step_index.item() == 2 * 16
     # Rounding apart, the same training. torch's SGD and the hand-written one round differently
     # in the last bit, and 32 steps amplify that: allow 0.1 % of a loss (losses are 0.4 to 2 here)
     # and two images of 1,000. A learned temperature scales every logit and so every gradient,
@@ -140,12 +140,12 @@ def test_warm_up_leaves_no_trace_even_at_the_last_step(test_tensors):
     data = (images[:200], labels[:200], images[200:300], labels[200:300], "val")
     args = flags("--epochs", "1", cuda_graph=True)
     state = train.start(args, "cpu", data, Reference)
-    steps = state.graphed
-    steps.step_index.fill_(state.steps_per_epoch * args.epochs - 1)  # the last real step
-    steps.indices[64] = torch.arange(64)
-    before, rng = [t.clone() for t in steps._state()], torch.get_rng_state()
-    steps._warm_up(64, augmented=True)
-    assert all(torch.equal(a, b) for a, b in zip(before, steps._state()))
+    graph = state.steps
+    graph.step_index.fill_(len(graph.lrs) - steps.WARM_UP_STEPS - 1)  # the last real step
+    graph.indices[64].copy_(torch.arange(64))
+    before, rng = [t.clone() for t in graph._state()], torch.get_rng_state()
+    graph._warm_up(64, augmented=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, graph._state()))
     assert torch.equal(rng, torch.get_rng_state())
 
 
@@ -159,8 +159,8 @@ def test_captured_graphs_train_like_the_eager_loop_on_cuda(test_tensors, monkeyp
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     eager, graph = two_runs(test_tensors, "cuda", "--no-augment", net=without_dropout)
-    assert graph.graphed.step_index.item() == 2 * 16
-    assert set(graph.graphed.graphs) == {(64, False), (40, False)}
+    assert graph.steps.step_index.item() == 2 * 16
+    assert set(graph.steps.graphs) == {(64, False), (40, False)}
     assert_same_training(eager, graph, {"lr": 1e-6, "train_loss": 1e-2, "train_accuracy": 1.0,
                                         "val_loss": 1e-2, "val_accuracy": 1.0, "weights": 1e-2})
 
@@ -171,17 +171,17 @@ def test_captured_run_with_augmentation_and_dropout_learns_on_cuda(test_tensors)
     loop's, so the check is that it learns as well, not that it matches; and each replay draws
     new random numbers (two replays of one step from the same state give different losses)."""
     eager, graph = two_runs(test_tensors, "cuda")
-    assert set(graph.graphed.graphs) == {(64, True), (40, True), (64, False), (40, False)}
+    assert set(graph.steps.graphs) == {(64, True), (40, True), (64, False), (40, False)}
     assert graph.history[-1]["val_accuracy"] > 80
     assert abs(graph.history[-1]["val_accuracy"] - eager.history[-1]["val_accuracy"]) < 5
-    steps, losses = graph.graphed, []
-    saved = [t.clone() for t in steps._state()]
+    graphed, losses = graph.steps, []
+    saved = [t.clone() for t in graphed._state()]
     for _ in range(2):
         with torch.no_grad():
-            for t, value in zip(steps._state(), saved):
+            for t, value in zip(graphed._state(), saved):
                 t.copy_(value)
-        steps.graphs[(64, True)].replay()
-        losses.append((steps.loss_sum - saved[-2]).item())
+        graphed.graphs[(64, True)].replay()
+        losses.append((graphed.loss_sum - saved[-2]).item())
     assert losses[0] != losses[1]
 
 
@@ -196,10 +196,11 @@ class ReadsBack(Reference):
 
 @cuda
 def test_a_step_that_cannot_be_captured_trains_eagerly_on_cuda(test_tensors, capsys):
-    """The capture fails for real; train.run says so in one line and trains the model eagerly."""
+    """The capture fails for real; train.start says so in one line and trains the model eagerly."""
     images, labels = (t.to("cuda") for t in test_tensors)
     data = (images[:1000], labels[:1000], images[1000:2000], labels[1000:2000], "val")
-    _, metrics = train.run(flags("--epochs", "1", cuda_graph=True), torch.device("cuda"), data,
-                           net=ReadsBack)
-    assert metrics["cuda_graph"] is False and metrics["history"][-1]["val_accuracy"] > 50
+    args = flags("--epochs", "1", cuda_graph=True)
+    run = train.start(args, torch.device("cuda"), data, ReadsBack)
+    train.train_epochs(run, args, data, args.epochs)
+    assert isinstance(run.steps, steps.EagerSteps) and run.history[-1]["val_accuracy"] > 50
     assert "could not be captured as a CUDA graph" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""The files a run leaves, and how they are written: their names, what model.pt holds, its sha256,
+and one atomic write. train.py, the plots, the README writer and the gate all use these.
+
+A file is replaced all at once or not at all: its new bytes go to a temporary file beside it, which
+is flushed to disk and then renamed over the old one. A run's three files are swapped in together,
+and a Ctrl-C or SIGTERM that arrives during the renames waits until the set is complete.
+"""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import tempfile
+
+import torch
+
+MODEL, METRICS, CURVES = "model.pt", "metrics.json", "curves.png"
+# What model.pt holds: the final weights, the weights of each of the last epochs (which the gate
+# re-scores), and the run's flags.
+CHECKPOINT_ENTRIES = {"model": dict, "last_epochs": dict, "config": dict}
+STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StoppedAfterSaving(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM arrived while a set of files was being swapped in; it is complete."""
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def checkpoint_bytes(weights, config):
+    """model.pt's bytes: weights is {epoch: state_dict} of the last epochs, the last one the final.
+
+    Saved through a buffer: written to a file, torch.save names the archive's root folder after
+    the file (a random temporary name here), so the same weights would give other bytes."""
+    buffer = io.BytesIO()
+    torch.save({"model": weights[max(weights)], "last_epochs": weights, "config": config}, buffer)
+    return buffer.getvalue()
+
+
+def json_bytes(obj):
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _staged(path, data):
+    """data written to a temporary file beside path, on disk; returns the temporary file's path."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash can't leave an empty file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; give it a normal file's mode
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def write_atomic(path, data):
+    """Replaces path with data (bytes or text) all at once: readers never see a half-written file."""
+    os.replace(_staged(path, data), path)
+
+
+@contextlib.contextmanager
+def stops_handled_by(handler):
+    """Ctrl-C and SIGTERM go to handler inside the block; the handlers before it come back after.
+    Call from the main thread."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOPS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def save_set(files):
+    """Writes {path: bytes} as one consistent set, or not at all: every file is staged first, then
+    all are renamed into place. A stop during the staging leaves the old set as it was; one during
+    the renames is held until they are done, then raised as StoppedAfterSaving.
+
+    Python runs signal handlers in the main thread whichever thread receives the signal, so a
+    handler that only takes note holds the stop for the whole process."""
+    staged, held = {}, []
+    try:
+        for path, data in files.items():
+            staged[path] = _staged(path, data)
+        with stops_handled_by(lambda sig, frame: held.append(sig)):
+            for path, tmp in staged.items():
+                os.replace(tmp, path)
+    finally:  # stopped before the renames: drop the staged files, keep the old set
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if held:
+        raise StoppedAfterSaving(f"stopped by signal {held[0]} after the files were saved")
