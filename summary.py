@@ -210,15 +210,28 @@ def write_readme(readme=HERE / "README.md", metrics_path=HERE / artifacts.METRIC
     return f"rewrote {readme.name}'s blocks: {', '.join(changed)}"
 
 
+def rule_figures_in_prose(text):
+    """The course's figures (rules.py) that text states outside its generated blocks: written there,
+    they go stale when a course changes its rules."""
+    prose = BLOCK.sub("", text)
+    figures = [f"{rules.PARAMS_BELOW:,}", f"{rules.MIN_ACCURACY:.2f}", f"{rules.MAX_EPOCHS} epochs",
+               f"last {rules.LAST_EPOCHS} epochs"]
+    return [figure for figure in figures if figure in prose]
+
+
 def check_readme():
-    """CI's question: are this README's blocks the committed run's? A one-line answer either way."""
+    """CI's question: are this README's blocks the committed run's, and does its prose leave the
+    course's figures to the blocks? A one-line answer either way."""
     try:
-        stale = stale_blocks((HERE / "README.md").read_text(), read_run(HERE / artifacts.METRICS)[0])
+        text = (HERE / "README.md").read_text()
+        stale = stale_blocks(text, read_run(HERE / artifacts.METRICS)[0])
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if stale:
         sys.exit(f"error: README.md's blocks {stale} differ from the committed run: run `python summary.py --readme`")
-    return "README.md's blocks match the committed run"
+    if figures := rule_figures_in_prose(text):
+        sys.exit(f"error: README.md states {figures} outside its generated blocks: rules.py sets them")
+    return "README.md's blocks match the committed run and rules.py"
 
 
 if __name__ == "__main__":
