@@ -2,16 +2,12 @@
 repository's gate and rules, one row each in a CSV gradebook.
 
     python grade.py SUBMISSION... --out gradebook.csv
-    python grade.py --list submissions.txt --deadline 2025-03-01 --jobs 2 --out gradebook.csv
-    python grade.py --list submissions.txt --retrain 3 --seed 0 --out gradebook.csv
+    python grade.py --list class.txt --deadline 2025-03-01 --jobs 2 --retrain 3 --seed 0 --out gradebook.csv
 
-A submission is a git URL, a local git repository or a plain folder. Only its three files are
-copied, into a fresh folder beside this repository's own gate files, and the gate runs there as
-`pytest` in a process of its own, under --timeout: none of the student's test_model.py,
-conftest.py, pyproject.toml or rules.py runs. A submission passes only on the gate's own report
-that it passed (test_model.py writes it once every check has run), never on an exit status.
-
-This runs students' code. Grade an untrusted class in a container or a VM (README, Grading a class).
+A submission (a git URL, a local git repository or a folder) gives only its three files: they
+join this repository's own gate files in a fresh folder, where the gate runs as pytest under
+--timeout; no other file of the student's runs. A submission passes only on the gate's report that
+it passed, and its exit status 0. This runs students' code: grade an untrusted class in a container or VM.
 """
 import argparse
 import ast
@@ -33,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# The files that judge. Their sha256 together is the gate fingerprint, which the gate's job summary
-# and this script print, so a TA sees at a glance whether a badge was earned with the course's gate.
+# The files that judge. Their sha256 together, the gate fingerprint, is in the job summary and here.
 GATE_FILES = ("test_model.py", "checks.py", "measure.py", "rules.py", "data.py", "pyproject.toml", "grade.py")
 SUBMITTED = ("model.py", "model.pt", "metrics.json")  # all that is taken from a submission
 # What a TA should know a fork changed: the gate, and what can switch its tests off around it.
@@ -56,7 +51,7 @@ TORCH_IO = {"load", "save", "hub", "from_file", "load_library", "cpp_extension",
 
 
 class BadInput(Exception):
-    """Bad command-line input: one line, exit status 2."""
+    """Bad command-line input: one line, exit status 2, before anything is graded."""
 
 
 class SubmissionError(Exception):
@@ -79,69 +74,53 @@ def write_atomically(path, data):
 
 
 def fingerprint_of(contents):
-    """sha256 over the gate files' names and contents ({name: bytes or None when absent})."""
-    total = hashlib.sha256()
-    for name in GATE_FILES:
-        data = contents.get(name)
-        total.update(f"{name}\0{hashlib.sha256(data).hexdigest() if data is not None else '-'}\n".encode())
-    return total.hexdigest()
+    """sha256 over the gate files' names and contents ({name: bytes}; an absent one counts as absent)."""
+    lines = [f"{n}\0{hashlib.sha256(contents[n]).hexdigest() if n in contents else '-'}\n" for n in GATE_FILES]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def epochs_text(scores):
+    return " ".join(f"{epoch}:{score:.2f}" for epoch, score in scores.items())
+
+
+def last_line(text):
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
 def fingerprint(folder):
-    folder = Path(folder)
-    return fingerprint_of({n: (folder / n).read_bytes() if (folder / n).is_file() else None for n in GATE_FILES})
+    return fingerprint_of({n: (Path(folder) / n).read_bytes() for n in GATE_FILES if (Path(folder) / n).is_file()})
 
 
-# --- reading model.py before it runs ----------------------------------------------------------------
-
-def root_name(node):
+def root_name(node):  # the name an expression starts from: F in F.relu, sys in sys.modules["x"]
     while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
         node = node.func if isinstance(node, ast.Call) else node.value
     return node.id if isinstance(node, ast.Name) else None
 
 
-def dotted(node):
-    try:
-        return ast.unparse(node)
-    except Exception:
-        return "?"
-
-
-def import_flags(tree):
-    """[(line, what)] for imports outside ALLOWED_IMPORTS, and the names imported modules are bound to."""
-    flags, modules = [], set()
+def flags_in(tree):
+    """[(line, what)]: imports outside ALLOWED_IMPORTS; file, process and network access; reflection."""
+    flags, modules = [], set()  # modules: the names imported modules (or what came from them) are bound to
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                modules.add(alias.asname or alias.name.split(".")[0])
-                if alias.name.split(".")[0] not in ALLOWED_IMPORTS:
-                    flags.append((node.lineno, f"import {alias.name}"))
-        elif isinstance(node, ast.ImportFrom):
-            top = (node.module or "").split(".")[0]
-            modules.update(a.asname or a.name for a in node.names)  # a submodule (from torch import nn) or not
-            if node.level or top not in ALLOWED_IMPORTS:
-                flags.append((node.lineno, f"from {'.' * node.level}{node.module or ''} import ..."))
-    return flags, modules
-
-
-def use_flags(tree, modules):
-    """[(line, what)] for file, process and network access and reflection in model.py."""
-    flags = []
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules.update(a.asname or a.name.split(".")[0] for a in node.names)
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            flags += [(node.lineno, f"import {'.' * getattr(node, 'level', 0)}{name}") for name in names
+                      if getattr(node, "level", 0) or name.split(".")[0] not in ALLOWED_IMPORTS]
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.Name) and node.id in RISKY_NAMES:
             flags.append((line, node.id))
         elif isinstance(node, ast.Attribute) and node.attr in REFLECTION and \
                 (node.attr != "modules" or root_name(node) in modules):  # self.modules() is nn.Module's
-            flags.append((line, dotted(node)))
+            flags.append((line, ast.unparse(node)))
         elif isinstance(node, ast.Attribute) and node.attr in TORCH_IO and root_name(node) in modules:
-            flags.append((line, f"{dotted(node)} (file access)"))
+            flags.append((line, f"{ast.unparse(node)} (file access)"))
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
                 node.func.id in ("getattr", "setattr", "delattr") and node.args and root_name(node.args[0]) in modules:
-            flags.append((line, f"{node.func.id}({dotted(node.args[0])}, ...) on a module"))
+            flags.append((line, f"{node.func.id}({ast.unparse(node.args[0])}, ...) on a module"))
         elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
             targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
-            flags += [(line, f"{dotted(t)} replaced (patches an imported module)") for t in targets
+            flags += [(line, f"{ast.unparse(t)} replaced (patches an imported module)") for t in targets
                       if isinstance(t, (ast.Attribute, ast.Subscript)) and root_name(t) in modules]
     return flags
 
@@ -152,14 +131,11 @@ def read_flags(source):
         tree = ast.parse(source)
     except (SyntaxError, ValueError) as e:
         return [f"does not parse ({type(e).__name__}, line {getattr(e, 'lineno', '?')})"]
-    flags, modules = import_flags(tree)
     first = {}
-    for line, what in sorted(flags + use_flags(tree, modules)):
+    for line, what in sorted(flags_in(tree)):
         first.setdefault(what, line)
     return [f"line {line}: {what}" for what, line in first.items()]
 
-
-# --- fetching a submission ----------------------------------------------------------------------------
 
 @dataclass
 class Submission:
@@ -177,14 +153,6 @@ def git(*argv, cwd=None, timeout=300):
         message = done.stderr.decode(errors="replace").strip().splitlines()
         raise SubmissionError(f"git {argv[0]} failed: {message[-1] if message else done.returncode}")
     return done.stdout
-
-
-def is_repository(path):
-    return (path / ".git").exists() or ((path / "HEAD").is_file() and (path / "objects").is_dir())
-
-
-def looks_like_url(source):
-    return "://" in source or (source.count(":") == 1 and "@" in source.split(":")[0])
 
 
 def from_git(source, deadline, workdir):
@@ -205,8 +173,8 @@ def from_git(source, deadline, workdir):
 
 
 def fetch(source, deadline, workdir):
-    path = Path(source)
-    if path.is_dir() and is_repository(path):
+    path = Path(source)  # a work tree or a bare repository, not a folder somewhere inside one
+    if path.is_dir() and ((path / ".git").exists() or ((path / "HEAD").is_file() and (path / "objects").is_dir())):
         return from_git(str(path.resolve()), deadline, workdir)
     if path.is_dir():
         return Submission(source, {n: (path / n).read_bytes() for n in WATCHED + SUBMITTED if (path / n).is_file()})
@@ -214,8 +182,7 @@ def fetch(source, deadline, workdir):
 
 
 def changed_files(submission):
-    """The watched files whose bytes differ from this repository's; a deleted one only for a
-    repository (a plain folder is expected to hold the three files alone)."""
+    """Watched files unlike this repository's; deleted ones for a repository (a folder may hold three files)."""
     changed = []
     for name in WATCHED:
         ours = (HERE / name).read_bytes() if (HERE / name).is_file() else None
@@ -227,8 +194,6 @@ def changed_files(submission):
     return changed
 
 
-# --- running the gate -------------------------------------------------------------------------------
-
 def clean_env(**extra):
     """The grader's environment without what would change pytest or the job summary."""
     env = {k: v for k, v in os.environ.items() if k not in
@@ -238,17 +203,20 @@ def clean_env(**extra):
 
 
 def run_bounded(argv, cwd, env, timeout):
-    """(exit status or None on timeout, the output's last lines). Its own process group, all of
-    which is killed at the time limit (a model's forward may have started processes of its own)."""
+    """(exit status or None on timeout, the output's end), its whole process group killed after it."""
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         status = proc.returncode
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
         status = None
+    try:  # what is left of the group: all of it on a timeout, a lingering grandchild otherwise
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if status is None:
+        out, _ = proc.communicate()
     return status, out.decode(errors="replace")[-4000:]
 
 
@@ -272,9 +240,12 @@ def run_gate(submission, timeout):
         if status is None:
             return {"verdict": "error", "reason": f"the gate did not finish within {timeout:g} s"}
         if not (tmp / "report.json").is_file():  # ended early, whatever its exit status
-            last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
-            return {"verdict": "error", "reason": f"the gate wrote no report (exit status {status}): {last.strip()}"}
-        return json.loads((tmp / "report.json").read_text())
+            return {"verdict": "error", "reason": f"the gate wrote no report (exit status {status}): "
+                                                  f"{last_line(output) or 'no output'}"}
+        report = json.loads((tmp / "report.json").read_text())
+    if (status == 0) != report.get("passed"):  # a report written by someone else than the gate
+        return {"verdict": "error", "reason": f"the gate's exit status {status} disagrees with its report"}
+    return report
 
 
 def grade_one(source, args):
@@ -284,57 +255,32 @@ def grade_one(source, args):
         with tempfile.TemporaryDirectory(prefix="fetch-") as workdir:
             submission = fetch(source, args.deadline, workdir)
         row.update(commit=submission.commit[:12], changed="; ".join(changed_files(submission)),
-                   own_gate_fingerprint=fingerprint_of(submission.files)[:16])
+                   own_gate_fingerprint=fingerprint_of(submission.files)[:16]
+                   if set(GATE_FILES) & set(submission.files) else "")
         if "model.py" in submission.files:
             row["flags"] = "; ".join(read_flags(submission.files["model.py"]))
         missing = [name for name in SUBMITTED if name not in submission.files]
         if missing:
             raise SubmissionError(f"{', '.join(missing)} missing from the submission")
         report = run_gate(submission, args.timeout)
-        scores = report.get("last_epochs") or {}
         row.update(verdict=report["verdict"], reason=report["reason"], params=report.get("params") or "",
-                   last_epochs=" ".join(f"{epoch}:{score:.2f}" for epoch, score in scores.items()))
-        row["_submission"] = submission
-    except (SubmissionError, subprocess.TimeoutExpired, OSError) as e:
+                   last_epochs=epochs_text(report.get("last_epochs") or {}))
+        row.update(_submission=submission, _tolerance=report.get("tolerance", 0.02))
+    except (SubmissionError, subprocess.TimeoutExpired, OSError, ValueError) as e:
         row.update(verdict="error", reason=str(e) if isinstance(e, SubmissionError) else f"{type(e).__name__}: {e}")
     row["seconds"] = round(time.monotonic() - start, 1)
     return row
-
-
-# --- retraining -----------------------------------------------------------------------------------------
-
-def train_flags(claims):
-    """train.py's flags for the run metrics.json describes (its recorded config), on the CPU."""
-    c = claims
-    return ["--epochs", str(c["epochs"]), "--batch-size", str(c["batch_size"]), "--lr", str(c["lr"]),
-            "--schedule", c["schedule"], "--ema", str(c["ema"]), "--clean-epochs", str(c["clean_epochs"]),
-            "--seed", str(c["seed"]), "--amp", c["amp"], "--augment" if c["augment"] else "--no-augment",
-            "--device", "cpu"]
-
-
-def config_disagreements(claims, weights):
-    """Flags on which metrics.json and model.pt's recorded config disagree."""
-    import torch  # only for a retrain: grading itself never loads a student's file in this process
-    config = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True).get("config", {})
-    keys = ("epochs", "batch_size", "lr", "schedule", "ema", "clean_epochs", "seed", "amp")
-    out = [f"{k} {claims.get(k)} in metrics.json, {config[k]} in model.pt" for k in keys
-           if k in config and config[k] != claims.get(k)]
-    return out + (["augment differs"] if "augment" in config and bool(config["augment"]) != bool(claims.get("augment"))
-                  else [])
 
 
 def compare_runs(claims, fresh, tolerance, last_epochs):
     """Whether a fresh run's last epochs reproduce the claimed ones: exactly on the same device
     (the CPU) and torch version, else within the gate's tolerance."""
     exact = claims.get("device") == "cpu" and claims.get("torch_version") == fresh.get("torch_version")
-    limit = 0 if exact else tolerance
-    want = [(h["epoch"], h["test_accuracy"]) for h in claims["history"][-last_epochs:]]
-    got = [(h["epoch"], h["test_accuracy"]) for h in fresh["history"][-last_epochs:]]
+    want, got = ({h["epoch"]: h["test_accuracy"] for h in run["history"][-last_epochs:]} for run in (claims, fresh))
     how = "exactly (same CPU torch)" if exact else f"within {tolerance}"
-    if [e for e, _ in want] == [e for e, _ in got] and all(abs(a - b) <= limit + 1e-9 for (_, a), (_, b) in zip(want, got)):
+    if want.keys() == got.keys() and all(abs(want[e] - got[e]) <= (0 if exact else tolerance) + 1e-9 for e in want):
         return f"matches {how}"
-    text = lambda run: " ".join(f"{e}:{a:.2f}" for e, a in run)  # noqa: E731
-    return f"retrain does not match {how}: claimed {text(want)}, retrained {text(got)}"
+    return f"retrain does not match {how}: claimed {epochs_text(want)}, retrained {epochs_text(got)}"
 
 
 def retrain(row, args):
@@ -342,11 +288,13 @@ def retrain(row, args):
     from rules import LAST_EPOCHS
     submission = row["_submission"]
     try:
-        claims = json.loads(submission.files["metrics.json"])
-        flags = train_flags(claims)
-        disagree = config_disagreements(claims, submission.files["model.pt"])
-    except Exception as e:  # unreadable, or not the fields train.py writes
-        return f"cannot retrain: metrics.json or model.pt lacks the run's config ({type(e).__name__}: {e})"
+        c = claims = json.loads(submission.files["metrics.json"])  # the run's recorded flags; on the CPU
+        flags = ["--epochs", str(c["epochs"]), "--batch-size", str(c["batch_size"]), "--lr", str(c["lr"]),
+                 "--schedule", c["schedule"], "--ema", str(c["ema"]), "--clean-epochs", str(c["clean_epochs"]),
+                 "--seed", str(c["seed"]), "--amp", c["amp"], "--augment" if c["augment"] else "--no-augment",
+                 "--device", "cpu"]
+    except (ValueError, KeyError, TypeError) as e:  # unreadable, or not the fields train.py writes
+        return f"cannot retrain: metrics.json lacks the run's config ({type(e).__name__}: {e})"
     with tempfile.TemporaryDirectory(prefix="retrain-") as tmp:
         tmp = Path(tmp)
         stage(tmp, submission, [p.name for p in HERE.glob("*.py") if p.name not in SUBMITTED])
@@ -354,38 +302,27 @@ def retrain(row, args):
         status, output = run_bounded([sys.executable, "train.py", *flags, "--out", str(tmp / "out")], tmp,
                                      clean_env(), args.retrain_timeout)
         if status != 0 or not (tmp / "out" / "metrics.json").is_file():
-            last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
             return "retrain did not finish" + (f" within {args.retrain_timeout:g} s" if status is None else
-                                               f" (exit status {status}): {last.strip()}")
+                                               f" (exit status {status}): {last_line(output)}")
         fresh = json.loads((tmp / "out" / "metrics.json").read_text())
-    verdict = compare_runs(claims, fresh, row.get("_tolerance", 0.02), LAST_EPOCHS)
-    return verdict + (f" (recorded configs disagree: {'; '.join(disagree)})" if disagree else "")
+    return compare_runs(claims, fresh, row.get("_tolerance", 0.02), LAST_EPOCHS)
 
 
 def pick_for_retrain(rows, k, seed):
     """k rows to retrain: the flagged ones first, then others drawn with seed."""
     able = [r for r in rows if "_submission" in r]
-    flagged = [r for r in able if r.get("flags")]
-    rest = [r for r in able if not r.get("flags")]
+    flagged, rest = [r for r in able if r.get("flags")], [r for r in able if not r.get("flags")]
     drawn = random.Random(seed).sample(rest, min(len(rest), max(0, k - len(flagged))))
     return (flagged + drawn)[:k]
 
 
-# --- the command ---------------------------------------------------------------------------------------
-
-def deadline_of(text):
-    """A --deadline: a date (the end of that day) or a date and time, local time unless it names an offset."""
-    try:
-        when = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise BadInput(f"--deadline {text!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM[+HH:MM]") from None
-    if len(text.strip()) == 10:  # a date alone: due by the end of that day
-        when = when.replace(hour=23, minute=59, second=59)
-    return when if when.tzinfo else when.astimezone()
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise BadInput(message)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Grade submissions with this repository's gate: one CSV row each.")
+    p = Parser(description="Grade submissions with this repository's gate: one CSV row each.")
     p.add_argument("submissions", nargs="*", metavar="SUBMISSION", help="a git URL, a local git repository or a folder")
     p.add_argument("--list", metavar="FILE", help="a file of submissions, one a line (# starts a comment)")
     p.add_argument("--out", required=True, metavar="CSV", help="the gradebook to write")
@@ -409,14 +346,22 @@ def check_input(args):
     if not args.submissions:
         raise BadInput("no submissions: name them, or give --list FILE")
     for source in args.submissions:
-        if not Path(source).is_dir() and not looks_like_url(source):
+        url = "://" in source or (source.count(":") == 1 and "@" in source.split(":")[0])  # git@host:owner/x.git
+        if not Path(source).is_dir() and not url:
             raise BadInput(f"{source}: no such folder, and not a git URL")
     out = Path(args.out).resolve()
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK) or out.is_dir():
         raise BadInput(f"--out {args.out}: not a file in a writable folder")
     if args.jobs < 1 or args.timeout <= 0 or args.retrain < 0 or args.retrain_timeout <= 0:
         raise BadInput("--jobs must be >= 1, --retrain >= 0, the timeouts > 0")
-    args.deadline = deadline_of(args.deadline) if args.deadline else None
+    if args.deadline:  # a date alone: due by the end of that day; local time unless it names an offset
+        try:
+            when = datetime.datetime.fromisoformat(args.deadline)
+        except ValueError:
+            raise BadInput(f"--deadline {args.deadline!r} is not a date: use YYYY-MM-DD or "
+                           "YYYY-MM-DDTHH:MM[+HH:MM]") from None
+        when = when.replace(hour=23, minute=59, second=59) if len(args.deadline.strip()) == 10 else when
+        args.deadline = when if when.tzinfo else when.astimezone()
 
 
 def grade_all(args):
@@ -427,28 +372,26 @@ def grade_all(args):
         for future in as_completed(futures):
             rows[futures[future]] = future.result()
             bar.update()
-    for row in tqdm(pick_for_retrain(rows, args.retrain, args.seed), unit="retrain", desc="retraining"):
+    for row in tqdm(pick_for_retrain(rows, args.retrain, args.seed), unit="retrain", desc="retraining",
+                    disable=not args.retrain):
         row["retrain"] = retrain(row, args)
     return rows
 
 
-def write_gradebook(path, rows):
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        check_input(args)
+    except BadInput as e:
+        print(f"grade.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"gate fingerprint {fingerprint(HERE)[:16]} ({HERE})", flush=True)
+    rows = grade_all(args)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(path, buffer.getvalue().encode())
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    try:
-        check_input(args)
-    except BadInput as e:
-        sys.exit(f"grade.py: error: {e}")
-    print(f"gate fingerprint {fingerprint(HERE)[:16]} ({HERE})", flush=True)
-    rows = grade_all(args)
-    write_gradebook(args.out, rows)
+    write_atomically(args.out, buffer.getvalue().encode())  # a gradebook is never half written
     counts = {v: sum(r.get("verdict") == v for r in rows) for v in ("pass", "fail", "error")}
     print(f"{counts['pass']} pass, {counts['fail']} fail, {counts['error']} error: {args.out}")
 

@@ -36,7 +36,7 @@ import torch
 
 from checks import Refusal, buildable, check_architecture, student_net
 from data import DEFAULT_DATA_DIR, DataError, load_mnist, to_float
-from grade import fingerprint, write_atomically
+from grade import fingerprint, last_line, write_atomically
 from measure import BATCHNORM_STATISTICS, count_numbers
 from rules import (FULLY_CONNECTED, LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW, REQUIRE_BATCHNORM,
                    REQUIRE_DROPOUT, REQUIRE_GAP)
@@ -144,10 +144,6 @@ def spec_of(net):
     return net.__module__, net.__qualname__, str(Path(sys.modules[net.__module__].__file__).parent)
 
 
-def last_line(text):
-    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
-
-
 def run_child(mode, net, *args, load):
     """`python test_model.py MODE ...` in a process of its own, under CHILD_TIMEOUT_S; load(path)
     reads its result. Its output passes through (pytest shows it with a failure)."""
@@ -155,7 +151,8 @@ def run_child(mode, net, *args, load):
     with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
         out = Path(tmp) / "result"
         argv = [sys.executable, str(Path(__file__).resolve()), mode, *spec_of(net), *map(str, args), str(out)]
-        child = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        env = {k: v for k, v in os.environ.items() if k not in ("GATE_REPORT", "GITHUB_STEP_SUMMARY")}  # not its to write
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, errors="replace")
         try:
             stdout, stderr = child.communicate(timeout=CHILD_TIMEOUT_S)
@@ -380,6 +377,8 @@ def check_run(metrics_path, weights_path, test_set, net=None, report=None):
     claimed = {h["epoch"]: h["test_accuracy"] for h in metrics["history"]}
     for epoch, got in sorted(scores.items()):
         row(f"epoch {epoch}", f"≥ {MIN_ACCURACY:.2f} %", f"{got:.2f} %", got >= MIN_ACCURACY)
+    if report:
+        report.scores = scores
     worst = max(abs(got - claimed[epoch]) for epoch, got in scores.items())
     row("re-score", f"claims within {CLAIM_TOLERANCE:.2f}", f"off by {worst:.2f} at most",
         worst <= CLAIM_TOLERANCE + 1e-9)
@@ -472,12 +471,10 @@ def recorded(test):
     def run():
         try:
             test()
-        except ChildFailed as e:
-            REPORT.outcomes[test.__name__] = ("error", str(e))
-            pytest.fail(str(e), pytrace=False)
-        except AssertionError as e:
-            REPORT.outcomes[test.__name__] = ("fail", str(e) or "an assertion failed")
-            pytest.fail(str(e), pytrace=False)
+        except AssertionError as e:  # ChildFailed too: the student's code did not run to the end
+            reason = last_line(str(e).split("\n", 1)[0]) or "an assertion failed"  # not pytest's rewritten detail
+            REPORT.outcomes[test.__name__] = ("error" if isinstance(e, ChildFailed) else "fail", reason)
+            pytest.fail(reason, pytrace=False)
         except BaseException as e:  # pytest.fail (no MNIST), an error of the gate's own
             REPORT.outcomes[test.__name__] = ("error", getattr(e, "msg", None) or f"{type(e).__name__}: {e}")
             raise
@@ -499,7 +496,7 @@ def test_architecture():
 def test_committed_run():
     """The committed model.pt and metrics.json: from this model.py's Net, at the bar, and the
     weights of each of the last epochs re-scored on the test set to what metrics.json claims."""
-    REPORT.scores = check_run(METRICS, WEIGHTS, mnist_test_set(), report=REPORT)
+    check_run(METRICS, WEIGHTS, mnist_test_set(), report=REPORT)
 
 
 if __name__ == "__main__":
