@@ -18,8 +18,12 @@ from multiprocessing import get_context
 import torch
 import torch.nn as nn
 
+import artifacts
 import train
+from data import DEFAULT_DATA_DIR
 from research.nets import params, plain, separable
+from research.seeds import last_epochs, trained
+from rules import LAST_EPOCHS, MAX_EPOCHS
 
 HOLDOUT = 10_000
 DEFAULT = plain((8, 8), (12, 12, 12), "3x3")  # model.py's Net, layer for layer (5,288 parameters)
@@ -98,48 +102,47 @@ ROWS.update({name: (sized(what, build), flags, build) for name, (what, flags, bu
 # they differ, with the same weights, optimizer state and random numbers: the epochs before are the
 # same run, trained once, and the comparison is paired.
 TAIL_ROWS = {
-    "augment-all": ("augmentation in every epoch, the last 3 too", ["--clean-epochs", "0"]),
+    "augment-all": (f"augmentation in every epoch, the last {train.CLEAN_EPOCHS} too", ["--clean-epochs", "0"]),
 }
 
 
-def row_args(flags, seed, data_dir):
+def row_args(flags, seed, data_dir, epochs):
     return train.parse_args(flags + ["--holdout", str(HOLDOUT), "--seed", str(seed), "--device", "cpu",
-                                     "--data-dir", data_dir])
+                                     "--data-dir", data_dir, "--epochs", str(epochs)])
 
 
 def result(name, seed, flags, metrics):
-    return {"row": name, "seed": seed, "flags": flags, **train.last_epochs(metrics), "seconds": metrics["seconds"]}
+    return {"row": name, "seed": seed, "flags": flags, **last_epochs(metrics), "seconds": metrics["seconds"]}
 
 
-def run_row(name, seed, data_dir):
+def run_row(name, seed, data_dir, epochs):
     torch.set_num_threads(1)
     _, flags, build = ROWS[name]
-    args = row_args(flags, seed, data_dir)
+    args = row_args(flags, seed, data_dir, epochs)
     device = torch.device("cpu")
     data = train.load_splits(args.data_dir, device, args.holdout)
-    _, metrics = train.run(args, device, data, build)
-    return [result(name, seed, flags, metrics)]
+    return [result(name, seed, flags, trained(args, device, data, build, params(build)))]
 
 
-def run_forked(names, seed, data_dir):
+def run_forked(names, seed, data_dir, epochs):
     """The default row and the tail rows `names` on one seed: one run up to the fork, then each row
     continues from its own copy, with the random number generator reset to the fork's state."""
     torch.set_num_threads(1)
     flags = {"default": ROWS["default"][1], **{name: TAIL_ROWS[name][1] for name in names}}
-    variants = {name: row_args(f, seed, data_dir) for name, f in flags.items()}
+    variants = {name: row_args(f, seed, data_dir, epochs) for name, f in flags.items()}
     base = variants["default"]
     fork = min(a.epochs - a.clean_epochs for a in variants.values())
     device = torch.device("cpu")
     data = train.load_splits(base.data_dir, device, base.holdout)
     state = train.start(base, device, data, DEFAULT)
     train.train_epochs(state, base, data, fork)
-    rng = torch.get_rng_state()
+    rng, count = torch.get_rng_state(), params(DEFAULT)
     results = []
     for name, args in variants.items():
         torch.set_rng_state(rng)
         branch = copy.deepcopy(state)
         train.train_epochs(branch, args, data, args.epochs)
-        results.append(result(name, seed, flags[name], train.metrics_of(branch, args, device, data[-1])))
+        results.append(result(name, seed, flags[name], train.metrics_of(branch, args, device, data[-1], count)))
     return results
 
 
@@ -149,8 +152,10 @@ def main():
     p.add_argument("--rows", nargs="+", choices=[*ROWS, *TAIL_ROWS], default=[*RECIPE_ROWS, *TAIL_ROWS], metavar="ROW",
                    help=f"rows to run: {', '.join([*ROWS, *TAIL_ROWS])}")
     p.add_argument("--seeds", type=int, nargs="+", default=[1], help="seeds per row")
-    p.add_argument("--jobs", type=train.positive(int), default=2, help="runs at a time")
-    p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
+    positive = train.number(int, lambda v: v > 0, "> 0")
+    p.add_argument("--epochs", type=positive, default=MAX_EPOCHS, help="epochs a run (fewer: a dry run)")
+    p.add_argument("--jobs", type=positive, default=2, help="runs at a time")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
     p.add_argument("--out", type=train.writable_dir, required=True, help="directory for the record")
     p.add_argument("--record", default="ablation.json", help="the record's file name in --out")
     args = p.parse_args()
@@ -158,21 +163,22 @@ def main():
     tails = [row for row in args.rows if row in TAIL_ROWS]
     path = os.path.join(args.out, args.record)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_forked, tails, seed, args.data_dir) for seed in args.seeds
+        futures = [pool.submit(run_forked, tails, seed, args.data_dir, args.epochs) for seed in args.seeds
                    if "default" in args.rows or tails]
-        futures += [pool.submit(run_row, row, seed, args.data_dir) for row in args.rows
+        futures += [pool.submit(run_row, row, seed, args.data_dir, args.epochs) for row in args.rows
                     if row in ROWS and row != "default" for seed in args.seeds]
         results = []
         for future in as_completed(futures):
             results += future.result()
-            train.save_json({"holdout": HOLDOUT, "device": "cpu", "threads_per_run": 1,
-                             "torch_version": torch.__version__, "runs": results}, path)
+            record = {"holdout": HOLDOUT, "device": "cpu", "threads_per_run": 1, "torch_version": torch.__version__,
+                      "runs": results}
+            artifacts.write_atomic(path, artifacts.json_bytes(record))
 
-    print("\n| change from the defaults | held-out accuracy, final | min of last 3 | s/run |")
+    print(f"\n| change from the defaults | held-out accuracy, final | lowest of last {LAST_EPOCHS} | s/run |")
     print("|---|---:|---:|---:|")
     for row in dict.fromkeys(["default", *args.rows] if tails else args.rows):
         runs = [r for r in results if r["row"] == row]
-        final, low, seconds = (sum(r[key] for r in runs) / len(runs) for key in ("final", "min_last_3", "seconds"))
+        final, low, seconds = (sum(r[key] for r in runs) / len(runs) for key in ("final", "lowest_last", "seconds"))
         print(f"| {({**ROWS, **TAIL_ROWS})[row][0]} | {final:.2f} | {low:.2f} | {seconds:.0f} |")
     print(f"\nwrote {path} ({len(args.seeds)} seed(s) per row, {HOLDOUT:,} held-out images)")
 

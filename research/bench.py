@@ -5,7 +5,7 @@
     python -m research.bench --rounds 3
 
 graph: the full default run (15 epochs, the test set scored after each) with train.py's eager step
-loop against the same run with each step replayed from a CUDA graph (graphed.py).
+loop against the same run with each step replayed from a CUDA graph (steps.py's GraphedSteps).
 dataloader: one epoch of train.py's pipeline (data on the device, batched augmentation) against the
 pytorch/examples recipe: torchvision transforms per sample (RandomAffine, ToTensor) and a DataLoader.
 Both sides train model.py's Net with the same batch size, optimizer, schedule and augmentation ranges.
@@ -28,9 +28,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import MNIST
 
+import steps
 import train
-from data import DEFAULT_DATA_DIR, DataError, load_mnist
 from checks import student_net
+from data import DEFAULT_DATA_DIR, DataError, load_mnist
+from rules import MAX_EPOCHS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # research.bench runs from here
 
@@ -38,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # research.b
 def dataloader_epoch(args):
     """The baseline, run in its own process by main()."""
     torch.manual_seed(train.SEED)
-    a = train.AUGMENT
+    a = steps.AUGMENT
     augment = transforms.Compose([
         transforms.RandomAffine(a["degrees"], translate=(a["translate"],) * 2,
                                 scale=(1 - a["scale"], 1 + a["scale"])),
@@ -49,10 +51,8 @@ def dataloader_epoch(args):
     test_loader = DataLoader(MNIST(args.data_dir, train=False, transform=transforms.ToTensor()),
                              batch_size=train.EVAL_BATCH_SIZE, num_workers=args.workers)
     model = student_net()()
-    optimizer = torch.optim.SGD(model.parameters(), lr=train.LR, momentum=train.MOMENTUM,
-                                nesterov=True, weight_decay=train.WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train.LR, epochs=1,
-                                                    steps_per_epoch=len(train_loader))
+    recipe = argparse.Namespace(lr=train.LR, schedule="onecycle", epochs=1)  # train.py's, for one epoch
+    optimizer, scheduler = steps.make_optimizer(model.parameters(), recipe, len(train_loader))
     start = time.perf_counter()
     model.train()
     for x, y in train_loader:
@@ -86,7 +86,9 @@ def sides(args, out):
         cuda = [sys.executable, train.__file__, "--device", "cuda", *common]
         return {"eager steps (--no-cuda-graph)": cuda + ["--no-cuda-graph"],
                 "captured steps (the default)": cuda + ["--cuda-graph"]}
-    return {"train.py (data on device)": [sys.executable, train.__file__, "--epochs", "1", "--device", "cpu", *common],
+    # --clean-epochs 0: the one epoch augmented, as the DataLoader's is (by default a run's last epochs are not)
+    one_epoch = [sys.executable, train.__file__, "--epochs", "1", "--clean-epochs", "0", "--device", "cpu", *common]
+    return {"train.py (data on device)": one_epoch,
             f"DataLoader ({args.workers} workers)": [sys.executable, "-m", "research.bench", "--baseline", *common,
                                                       "--workers", str(args.workers)]}
 
@@ -97,9 +99,11 @@ def main():
     p.add_argument("--compare", choices=["graph", "dataloader"],
                    default="graph" if torch.cuda.is_available() else "dataloader",
                    help="graph: eager vs captured steps on CUDA; dataloader: one CPU epoch vs a DataLoader")
-    p.add_argument("--rounds", type=train.positive(int), default=2, help="alternating rounds; the table shows medians")
-    p.add_argument("--batch-size", type=train.positive(int), default=train.BATCH_SIZE, help="same for both sides")
-    p.add_argument("--workers", type=train.nonnegative(int), default=0, help="DataLoader worker processes")
+    positive = train.number(int, lambda v: v > 0, "> 0")
+    p.add_argument("--rounds", type=positive, default=2, help="alternating rounds; the table shows medians")
+    p.add_argument("--batch-size", type=positive, default=train.BATCH_SIZE, help="same for both sides")
+    p.add_argument("--workers", type=train.number(int, lambda v: v >= 0, ">= 0"), default=0,
+                   help="DataLoader worker processes")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="MNIST root (holds MNIST/raw/)")
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)  # one baseline epoch
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -122,7 +126,7 @@ def main():
                 print(f"round {r + 1}: {name}: {times[name][-1][0]:.1f} s whole, {times[name][-1][1]:.1f} s training",
                       file=sys.stderr)
     if args.compare == "graph":
-        where = f"{torch.cuda.get_device_name()}, the full default run ({train.EPOCHS} epochs)"
+        where = f"{torch.cuda.get_device_name()}, the full default run ({MAX_EPOCHS} epochs)"
     else:
         where = (f"CPU, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
                  "one epoch")

@@ -12,7 +12,6 @@ net the sweep was run against (no GPU record of the default exists).
 import argparse
 import json
 import math
-import statistics
 from pathlib import Path
 
 import matplotlib
@@ -21,9 +20,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import StrMethodFormatter
 
+from artifacts import write_atomic
+from plots import lowest_last, png
 from research.ablate import ROWS
 from research.nets import params
-from rules import MIN_ACCURACY
+from research.seeds import spread
+from rules import LAST_EPOCHS, MIN_ACCURACY
 
 RECORDS = Path(__file__).parent / "records"
 SWEEP = "frontier.json"
@@ -49,9 +51,9 @@ REFERENCE = {"CPU": "width-12", "H200": "c13-3x3"}
 
 
 def summarise(name, family, device, net_params, lows):
+    mean, sd, hold = spread(lows)
     return {"candidate": name, "family": family, "device": device, "params": net_params, "seeds": len(lows),
-            "mean": statistics.mean(lows), "sd": statistics.stdev(lows) if len(lows) > 1 else 0.0,
-            "hold": sum(low >= MIN_ACCURACY for low in lows)}
+            "mean": mean, "sd": sd, "hold": hold}
 
 
 def rows():
@@ -60,7 +62,7 @@ def rows():
     sweep = json.loads((RECORDS / SWEEP).read_text())
     for c in sweep["candidates"]:
         family = f"plain, {c['head'].replace('x', '×')} head"
-        lows = [r["min_last_3"] for r in c["runs"]] if c.get("runs") else None
+        lows = [lowest_last(r) for r in c["runs"]] if c.get("runs") else None
         row = summarise(c["candidate"], family, "H200", c["params"], lows or [c["mean_min_last_3"]])
         if not lows:  # only the summary came back from the GPU machine
             row.update(seeds=c["seeds"], sd=c["sd_min_last_3"], hold=c["hold"])
@@ -72,7 +74,7 @@ def rows():
             continue
         for run in record["runs"]:
             if run["row"] in FAMILY:  # not an ablation of the recipe
-                lows.setdefault(run["row"], []).append(run["min_last_3"])
+                lows.setdefault(run["row"], []).append(lowest_last(run))
                 records.setdefault(run["row"], {})[path.name] = None
     for name, values in lows.items():
         net = SAME_NET.get(name, name)
@@ -91,7 +93,7 @@ def compared(found):
 
 
 def table(found):
-    lines = ["| candidate | family | params | device, record | seeds | min of last 3, mean (sd) | hold | "
+    lines = [f"| candidate | family | params | device, record | seeds | min of last {LAST_EPOCHS}, mean (sd) | hold | "
              "against the reference |", "|---|---|---:|---|---:|---:|---:|---:|"]
     for r in sorted(found, key=lambda r: (r["device"], -r["params"])):
         spread = f"{r['sd']:.3f}" if r["seeds"] > 1 else "–"
@@ -104,7 +106,7 @@ def table(found):
 
 def draw(found, path):
     """Per family and device, a line over parameter counts: the share of seeds that hold the bar,
-    and the mean min of the last 3 with one standard error."""
+    and the mean min of the last LAST_EPOCHS epochs with one standard error."""
     fig, (ax_hold, ax_mean) = plt.subplots(1, 2, figsize=(13, 5))
     groups = {}
     for r in found:
@@ -117,9 +119,9 @@ def draw(found, path):
         (line,) = ax_hold.plot(x, [100 * r["hold"] / r["seeds"] for r in group], **style)
         ax_mean.errorbar(x, [r["mean"] for r in group], yerr=[r["sd"] / math.sqrt(r["seeds"]) for r in group],
                          capsize=3, color=line.get_color(), **style)
-    ax_hold.set(title=f"seeds holding {MIN_ACCURACY:.2f} in each of the last 3 epochs (%)", ylim=(-5, 105))
+    ax_hold.set(title=f"seeds holding {MIN_ACCURACY:.2f} in each of the last {LAST_EPOCHS} epochs (%)", ylim=(-5, 105))
     ax_mean.axhline(MIN_ACCURACY, color="gray", linewidth=1, linestyle=":")
-    ax_mean.set(title="mean min of the last 3 epochs (%), ± 1 standard error")
+    ax_mean.set(title=f"mean min of the last {LAST_EPOCHS} epochs (%), ± 1 standard error")
     for ax in (ax_hold, ax_mean):
         ax.axvline(4000, color="gray", linewidth=1, linestyle=":")
         ax.set_xlabel("parameters")
@@ -128,11 +130,7 @@ def draw(found, path):
     ax_mean.legend(fontsize=8, loc="lower right")
     fig.suptitle("The size frontier on the held-out split (CPU rows: research.ablate, one thread a run; "
                  "H200 rows: research.sweep, 24 seeds each)", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    write_atomic(path, png(fig))
 
 
 def main():

@@ -5,10 +5,10 @@
 
 It trains model.py's Net, the default, through train.py.
 
-1. the CUDA tests (tests/test_graphed.py);
+1. the CUDA tests (tests/test_steps.py);
 2. `research.bench --compare graph`: eager against captured steps, whole process and training, alternating;
 3. seeds on the test set: 48 of the captured path and 24 of the eager one, each process a
-   `train.py --seeds ...` of its own, 12 seeds a process, all processes at once. Few processes:
+   `python -m research.seeds ...` of its own, 12 seeds a process, all processes at once. Few processes:
    24 at once on one H200 time-sliced the GPU so that a captured run took 95-163 s instead of about
    7 s of training alone. Each process rewrites its seeds.json after every seed, so a deadline keeps
    the seeds done by then; the records are merged into DIR/seeds-cuda.json (captured, the default
@@ -23,9 +23,12 @@ import subprocess
 import sys
 import time
 
+import artifacts
 import train
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
-from rules import MIN_ACCURACY as BAR
+from plots import lowest_last
+from research.seeds import RECORD, spread
+from rules import LAST_EPOCHS, MIN_ACCURACY
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: train.py's folder
 RECORDS = {"cuda-graph": "seeds-cuda.json", "cuda-eager": "seeds-cuda-eager.json"}
@@ -51,7 +54,7 @@ def seeds(paths, flags, out, deadline):
         for k in range(processes):
             folder = os.path.join(out, "runs", f"{path}-{k}")
             os.makedirs(folder, exist_ok=True)
-            cmd = [sys.executable, "train.py", "--seeds", *map(str, seed_list[k::processes]), "--out", folder,
+            cmd = [sys.executable, "-m", "research.seeds", *map(str, seed_list[k::processes]), "--out", folder,
                    *flags[path]]
             log = open(os.path.join(folder, "log.txt"), "w")
             procs.append((path, folder, subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT), log))
@@ -69,14 +72,14 @@ def seeds(paths, flags, out, deadline):
     for path in paths:
         records = []
         for p, folder, _, _ in procs:
-            if p == path and os.path.exists(os.path.join(folder, "seeds.json")):
-                with open(os.path.join(folder, "seeds.json")) as f:
+            if p == path and os.path.exists(os.path.join(folder, RECORD)):
+                with open(os.path.join(folder, RECORD)) as f:
                     records.append(json.load(f))
         if not records:
             merged[path] = None
             continue
         record = {**records[0], "seeds": sorted((s for r in records for s in r["seeds"]), key=lambda s: s["seed"])}
-        train.save_json(record, os.path.join(out, RECORDS[path]))
+        artifacts.write_atomic(os.path.join(out, RECORDS[path]), artifacts.json_bytes(record))
         merged[path] = record
     return merged
 
@@ -84,10 +87,11 @@ def seeds(paths, flags, out, deadline):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=train.writable_dir, required=True, help="directory for the logs and records")
-    p.add_argument("--graph-seeds", type=train.positive(int), help="seeds of the captured path (48; dry run 2)")
-    p.add_argument("--eager-seeds", type=train.positive(int), help="seeds of the eager path (24; dry run 1)")
-    p.add_argument("--seeds-per-process", type=train.positive(int), default=12)
-    p.add_argument("--deadline", type=train.positive(int), default=280, help="seconds for the seeds step")
+    positive = train.number(int, lambda v: v > 0, "> 0")
+    p.add_argument("--graph-seeds", type=positive, help="seeds of the captured path (48; dry run 2)")
+    p.add_argument("--eager-seeds", type=positive, help="seeds of the eager path (24; dry run 1)")
+    p.add_argument("--seeds-per-process", type=positive, default=12)
+    p.add_argument("--deadline", type=positive, default=280, help="seconds for the seeds step")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny and on the CPU: 3 seeds of 1 epoch, no capture, no bench")
     args = p.parse_args()
@@ -104,7 +108,7 @@ def main():
     counts = {"cuda-graph": args.graph_seeds, "cuda-eager": args.eager_seeds}
     paths = {path: (list(range(1, n + 1)), -(-n // args.seeds_per_process)) for path, n in counts.items()}
 
-    tests = step("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_graphed.py",
+    tests = step("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_steps.py",
                                 "-k", "on_cuda" if not args.dry_run else "schedule"],
                  os.path.join(out, "tests.log"), 240)
     bench = (None if args.dry_run else
@@ -116,16 +120,16 @@ def main():
     if bench is not None and os.path.exists(os.path.join(out, "bench.log")):
         with open(os.path.join(out, "bench.log")) as f:
             print("".join(line for line in f if line.startswith(("|", "captured", "NVIDIA", "H"))), end="")
-    print("\n| path | seeds | hold 99.40 in each of the last 3 | mean min of last 3 (sd) | lowest | mean final "
-          "| mean s/run |\n|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n| path | seeds | hold {MIN_ACCURACY:.2f} in each of the last {LAST_EPOCHS} | mean lowest of the last "
+          f"{LAST_EPOCHS} (sd) | lowest | mean final | mean s/run |\n|---|---:|---:|---:|---:|---:|---:|")
     for path, record in records.items():
         if record is None:
             print(f"| {path} | 0 | | | | | |")
             continue
         rows = record["seeds"]
-        lows = [r["min_last_3"] for r in rows]
-        sd = statistics.stdev(lows) if len(lows) > 1 else 0.0
-        print(f"| {path} | {len(rows)} | {sum(low >= BAR for low in lows)} | {statistics.mean(lows):.3f} ({sd:.3f}) "
+        lows = [lowest_last(r) for r in rows]
+        mean, sd, held = spread(lows)
+        print(f"| {path} | {len(rows)} | {held} | {mean:.3f} ({sd:.3f}) "
               f"| {min(lows):.2f} | {statistics.mean(r['final'] for r in rows):.3f} "
               f"| {statistics.mean(r['seconds'] for r in rows):.1f} |")
 

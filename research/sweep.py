@@ -23,10 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import artifacts
+import steps
 import train
-from data import DataError, augment, to_float
-from research.nets import DROPOUT, MNIST_MEAN, MNIST_STD
-from rules import MIN_ACCURACY
+from data import DEFAULT_DATA_DIR, DataError, augment, to_float
+from plots import lowest_last
+from research.nets import DROPOUT, MNIST_MEAN, MNIST_STD, params
+from research.seeds import spread
+from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY
 
 HOLDOUT = 10_000
 
@@ -76,7 +80,7 @@ class Grouped(nn.Module):
 
 
 def params_per_seed(name):
-    return sum(p.numel() for p in Grouped(1, *CANDIDATES[name]).parameters())
+    return params(lambda: Grouped(1, *CANDIDATES[name]))
 
 
 def run_candidate(name, seeds, epochs, device, data_dir, out):
@@ -91,9 +95,8 @@ def run_candidate(name, seeds, epochs, device, data_dir, out):
     torch.manual_seed(0)
     n, batch = seeds, args.batch_size
     model = Grouped(n, *CANDIDATES[name]).to(device)
-    average = train.WeightAverage(model, args.ema)
-    steps = -(-len(train_y) // batch)
-    optimizer, scheduler = train.make_optimizer(model.parameters(), args, steps)
+    average = steps.WeightAverage(model, args.ema)
+    optimizer, scheduler = steps.make_optimizer(model.parameters(), args, -(-len(train_y) // batch))
     history, start = [], time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
@@ -102,7 +105,7 @@ def run_candidate(name, seeds, epochs, device, data_dir, out):
         for idx in order.split(batch, dim=1):                                    # (n, b)
             x = to_float(train_x[idx.reshape(-1)])                                # (n*b, 1, 28, 28)
             if augmented:
-                x = augment(x, **train.AUGMENT)
+                x = augment(x, **steps.AUGMENT)
             x = x.view(n, -1, 28, 28).transpose(0, 1)                             # (b, n, 28, 28)
             y = train_y[idx].transpose(0, 1)                                      # (b, n)
             # The sum over seeds of each seed's mean loss: each slice gets its own run's gradient.
@@ -115,7 +118,7 @@ def run_candidate(name, seeds, epochs, device, data_dir, out):
         average.model.eval()
         correct = torch.zeros(n, device=device)
         with torch.no_grad():
-            for x, y in zip(eval_x.split(2000), eval_y.split(2000)):
+            for x, y in zip(eval_x.split(train.EVAL_BATCH_SIZE), eval_y.split(train.EVAL_BATCH_SIZE)):
                 logits = average.model(to_float(x).expand(-1, n, -1, -1))
                 correct += (logits.argmax(2) == y[:, None]).sum(0)
         history.append((100 * correct / len(eval_y)).tolist())
@@ -127,28 +130,27 @@ def run_candidate(name, seeds, epochs, device, data_dir, out):
                   if device.type == "cuda" else "cpu", "torch_version": torch.__version__,
                   "seconds": round(time.perf_counter() - start, 1),
                   "runs": [{"val_accuracy": [round(a, 2) for a in accs], "final": round(accs[-1], 2),
-                            "min_last_3": round(min(accs[-3:]), 2)} for accs in zip(*history)]}
-        train.save_json(record, os.path.join(out, f"sweep-{name}.json"))
+                            "lowest_last": round(min(accs[-LAST_EPOCHS:]), 2)} for accs in zip(*history)]}
+        artifacts.write_atomic(os.path.join(out, f"sweep-{name}.json"), artifacts.json_bytes(record))
     return record
 
 
 def summary_row(record):
-    lows = [r["min_last_3"] for r in record["runs"]]
     finals = [r["final"] for r in record["runs"]]
-    mean = sum(lows) / len(lows)
-    sd = (sum((v - mean) ** 2 for v in lows) / (len(lows) - 1)) ** 0.5 if len(lows) > 1 else 0.0
-    return (f"| {record['candidate']} | {record['params']:,} | {len(lows)} | {sum(finals) / len(finals):.3f} | "
-            f"{mean:.3f} | {sd:.3f} | {sum(v >= MIN_ACCURACY for v in lows)} | {record['seconds']:.0f} |")
+    mean, sd, held = spread([lowest_last(r) for r in record["runs"]])
+    return (f"| {record['candidate']} | {record['params']:,} | {len(finals)} | {sum(finals) / len(finals):.3f} | "
+            f"{mean:.3f} | {sd:.3f} | {held} | {record['seconds']:.0f} |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
-    p.add_argument("--seeds", type=train.positive(int), default=32, help="seeds per candidate, trained as one net")
-    p.add_argument("--epochs", type=train.positive(int), default=train.EPOCHS)
-    p.add_argument("--jobs", type=train.positive(int), default=len(CANDIDATES), help="candidates at a time")
+    positive = train.number(int, lambda v: v > 0, "> 0")
+    p.add_argument("--seeds", type=positive, default=32, help="seeds per candidate, trained as one net")
+    p.add_argument("--epochs", type=positive, default=MAX_EPOCHS)
+    p.add_argument("--jobs", type=positive, default=len(CANDIDATES), help="candidates at a time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--data-dir", default=train.DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=train.writable_dir, required=True)
     args = p.parse_args()
     try:  # once here, so that the processes find the files extracted, or one line says what is missing
@@ -164,7 +166,8 @@ def main():
                 records.append(future.result())
             except Exception as e:  # one failed candidate does not lose the others
                 print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
-    print("\n| candidate | params | seeds | final | min of last 3 | sd | ≥ 99.40 | seconds |")
+    print(f"\n| candidate | params | seeds | final | lowest of last {LAST_EPOCHS} | sd | ≥ {MIN_ACCURACY:.2f} "
+          "| seconds |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for record in sorted(records, key=lambda r: -r["params"]):
         print(summary_row(record))
