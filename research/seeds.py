@@ -71,10 +71,10 @@ def save(record, out):
 
 
 def report(record, out):
-    rows = record["seeds"]
-    epochs = record["epochs"]
-    print(f"\n{record['eval_split']} accuracy per seed ({record['params']:,} numbers, {epochs} epoch{'s' * (epochs != 1)}, "
-          f"{record['device']})")
+    """The table: each seed's final accuracy, the lowest of its last epochs and its seconds, then the mean."""
+    rows, epochs = record["seeds"], record["epochs"]
+    print(f"\n{record['eval_split']} accuracy per seed ({record['params']:,} numbers, "
+          f"{epochs} epoch{'s' * (epochs != 1)}, {record['device']})")
     print(f"{'seed':>5}{'final':>8}{f'lowest of last {LAST_EPOCHS}':>20}{'seconds':>9}")
     for r in rows:
         print(f"{r['seed']:>5}{r['final']:>8.2f}{lowest_last(r):>20.2f}{r['seconds']:>9.1f}")
@@ -113,7 +113,8 @@ def main(argv=None):
             if record is None:
                 sys.exit("interrupted before the first seed finished: nothing was written")
             report(record, args.out)
-            sys.exit(f"interrupted: {RECORD} and {PICTURE} hold the {len(record['seeds'])} seeds finished")
+            done = len(record["seeds"])
+            sys.exit(f"interrupted: {RECORD} and {PICTURE} hold the {done} seed{'s' * (done != 1)} finished")
     report(record, args.out)
 
 

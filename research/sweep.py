@@ -12,7 +12,6 @@ augmentation but in the last 3 epochs, the weight average), with other random st
 train.py's. Each candidate runs in its own process; the held-out split is train.py's --holdout.
 """
 import argparse
-import json
 import os
 import sys
 import time
