@@ -43,8 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))  # where the gate reads model.
 
 @dataclass
 class Run:
-    """A run in progress: the model, what is evaluated and saved (the weight average, or the model
-    itself), the steps that train it, and what has happened so far."""
+    """A run in progress: the model, its weight average, the steps that train it, what has happened."""
     model: torch.nn.Module
     average: steps.WeightAverage | None
     steps: steps.EagerSteps | steps.GraphedSteps
@@ -53,7 +52,7 @@ class Run:
     weights: dict = field(default_factory=dict)  # {epoch: CPU state_dict} of the last LAST_EPOCHS epochs
 
     @property
-    def scored(self):
+    def scored(self):  # what is evaluated and saved
         return self.average.model if self.average is not None else self.model
 
 
@@ -74,13 +73,20 @@ def start(args, device, data, net):
 
 
 def first_forward(model, device):
-    """One forward pass before training: a lazy layer (nn.LazyLinear) makes its weights in its first
-    one, and the optimizer and the weight average must hold them. In eval mode, so that BatchNorm's
-    statistics stay as they are, and on a forked random stream, so that the run draws the same
-    numbers after it as without it."""
+    """A lazy layer (nn.LazyLinear) makes its weights in its first forward pass, and the optimizer
+    and the weight average must hold them: one pass in eval mode (BatchNorm's statistics stay), on
+    a forked random stream (the run draws the same numbers as without it)."""
     with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         model.eval()(torch.zeros(2, 1, 28, 28, device=device))
     model.train()
+
+
+def progress(batches, desc):
+    """A progress bar over an epoch's batches; without a terminal (Colab, a CI log) a line every
+    PROGRESS_EVERY_S seconds, since a small machine's epoch takes minutes and silence looks like a hang."""
+    terminal = sys.stderr.isatty()
+    return tqdm(batches, desc=desc, leave=False, unit="batch", ascii=not terminal,
+                mininterval=0.1 if terminal else PROGRESS_EVERY_S)
 
 
 def train_epochs(run, args, data, until):
@@ -89,9 +95,7 @@ def train_epochs(run, args, data, until):
     for epoch in range(run.epoch + 1, until + 1):
         began, lr = time.perf_counter(), run.steps.lr()
         augmented = args.augment and epoch <= args.epochs - args.clean_epochs
-        batches = lambda b: tqdm(b, desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch", ascii=not
-                                 sys.stderr.isatty(), mininterval=0.1 if sys.stderr.isatty() else PROGRESS_EVERY_S)
-        train_loss, train_acc = run.steps.epoch(augmented, batches)
+        train_loss, train_acc = run.steps.epoch(augmented, lambda batches: progress(batches, f"epoch {epoch}/{args.epochs}"))
         eval_loss, eval_acc = evaluate(run.scored, eval_x, eval_y)
         seconds = time.perf_counter() - began
         run.history.append({"epoch": epoch, "lr": round(lr, 6), "augmented": augmented,
@@ -120,11 +124,9 @@ def evaluate(model, images, labels):
 
 
 def load_splits(data_dir, device, holdout):
-    """(train images, train labels, eval images, eval labels, eval split name).
-
-    The held-out images are the last `holdout` of the training file. At the file's odd positions each
-    writer's digits come in a run, so the odd half of the tail comes from writers the rest hardly
-    shows, as all the test set's writers are new (research/README.md: held-out writers)."""
+    """(train images, train labels, eval images, eval labels, eval split name). The held-out images
+    are the last `holdout` of the training file: half of them from writers the rest hardly shows, as
+    the test set's writers are all new (research/README.md: held-out writers)."""
     images, labels = load_mnist(data_dir, train=True, device=device)
     if not holdout:
         return (images, labels, *load_mnist(data_dir, train=False, device=device), "test")
@@ -143,8 +145,7 @@ def metrics_of(run, args, device, split, params):
             "seconds": round(sum(h["seconds"] for h in run.history), 1)}
 
 
-def shortfall(accuracies):
-    """Why a run's accuracies per epoch miss the bar (rules.py), in one line, or None."""
+def shortfall(accuracies):  # why a run's accuracies per epoch miss the bar (rules.py), or None
     if len(accuracies) > MAX_EPOCHS:
         return f"the run has {len(accuracies)} epochs; the rule allows at most {MAX_EPOCHS}"
     if len(accuracies) < LAST_EPOCHS:
@@ -172,12 +173,10 @@ def verdict(metrics, refusal):
 
 
 def preflight(net):
-    """Before any data loads: the gate's verdict on the architecture, so that what can go wrong with
-    a model shows in seconds, not after the last epoch. Returns (numbers carried, refusal or None).
-
-    A model that cannot be trained or scored (forward raises, or the output is not (N, 10)) stops
-    here, after the traceback of its own error. A refused one still trains, so that a student sees
-    what it scores; `pytest -q` fails on it with the same message."""
+    """Before any data loads, the gate's verdict on the architecture: what can go wrong with a model
+    shows in seconds. Returns (numbers carried, refusal or None). A model that cannot be trained or
+    scored stops here, after the traceback of its own error; a refused one still trains, so that a
+    student sees what it scores (`pytest -q` fails on it with the same message)."""
     with torch.random.fork_rng(devices=[]):  # the run's random stream starts where it would have
         model = net()
         try:
@@ -241,15 +240,12 @@ def main(argv=None, net=None):
 
 
 def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
 
 
-def number(kind, accept, rule):
-    """An argparse type: `kind` parsed from text, then held to `rule`. A bad flag is one usage line."""
+def number(kind, accept, rule):  # an argparse type: a bad flag is one usage line, not a traceback
     def parse(text):
         try:
             value = kind(text)
@@ -261,8 +257,7 @@ def number(kind, accept, rule):
     return parse
 
 
-def writable_dir(text):
-    """An argparse type: a directory that exists and can be written to, checked before any work."""
+def writable_dir(text):  # an argparse type, checked before any work
     if not os.path.isdir(text) or not os.access(text, os.W_OK):
         raise argparse.ArgumentTypeError(f"{text!r} is not a writable directory")
     return text
