@@ -447,7 +447,7 @@ def publish(report, say):
     if not report["passed"] and os.environ.get("GITHUB_ACTIONS"):
         say(f"::error title=MNIST gate::{' '.join(report['reason'].split())}")
     scores = " ".join(f"{s:.2f}" for s in report["last_epochs"].values())
-    say(f"\ngate: {report['verdict']} ({report['params'] or '?'} numbers; last epochs {scores or '?'}) "
+    say(f"gate: {report['verdict']} ({report['params'] or '?'} numbers; last epochs {scores or '?'}) "
         f"fingerprint {report['fingerprint'][:16]}" + (f": {report['reason']}" if report["reason"] else ""))
 
 
@@ -460,7 +460,7 @@ def gate_report(request):
 
     def say(line):
         with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            print(line, flush=True)
+            print(f"\n{line}", flush=True)  # at the start of a line, where an annotation must be
     publish(report, say)
 
 
@@ -474,11 +474,14 @@ def recorded(test):
         except AssertionError as e:  # ChildFailed too: the student's code did not run to the end
             reason = last_line(str(e).split("\n", 1)[0]) or "an assertion failed"  # not pytest's rewritten detail
             REPORT.outcomes[test.__name__] = ("error" if isinstance(e, ChildFailed) else "fail", reason)
-            pytest.fail(reason, pytrace=False)
         except BaseException as e:  # pytest.fail (no MNIST), an error of the gate's own
             REPORT.outcomes[test.__name__] = ("error", getattr(e, "msg", None) or f"{type(e).__name__}: {e}")
             raise
-        REPORT.outcomes[test.__name__] = ("pass", "")
+        else:
+            REPORT.outcomes[test.__name__] = ("pass", "")
+        verdict, reason = REPORT.outcomes[test.__name__]
+        if verdict != "pass":  # outside the except block: the one line, without the assertion's chain
+            pytest.fail(reason, pytrace=False)
     return run
 
 
