@@ -13,9 +13,12 @@ import os
 import signal
 import tempfile
 
-import torch
-
 MODEL, METRICS, CURVES = "model.pt", "metrics.json", "curves.png"
+SUBMITTED = ("model.py", MODEL, METRICS)  # all that grade.py takes from a student's submission
+# The files that judge: the gate, what it imports, and the grader. Their sha256 together, the gate
+# fingerprint, is in the gate's job summary and in grade.py's output, so a changed gate shows.
+GATE_FILES = ("test_model.py", "checks.py", "measure.py", "rules.py", "data.py", "artifacts.py", "summary.py",
+              "pyproject.toml", "grade.py")
 # What model.pt holds: the final weights, the weights of each of the last epochs (which the gate
 # re-scores), and the run's flags.
 CHECKPOINT_ENTRIES = {"model": dict, "last_epochs": dict, "config": dict}
@@ -30,11 +33,25 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def fingerprint_of(contents):
+    """sha256 over the gate files' names and contents ({name: bytes}; an absent one counts as absent)."""
+    lines = [f"{name}\0{sha256(contents[name]) if name in contents else '-'}\n" for name in GATE_FILES]
+    return sha256("".join(lines).encode())
+
+
+def fingerprint(folder):
+    """The gate fingerprint of the gate files in folder."""
+    paths = {name: os.path.join(folder, name) for name in GATE_FILES}
+    return fingerprint_of({name: open(path, "rb").read() for name, path in paths.items() if os.path.isfile(path)})
+
+
 def checkpoint_bytes(weights, config):
     """model.pt's bytes: weights is {epoch: state_dict} of the last epochs, the last one the final.
 
     Saved through a buffer: written to a file, torch.save names the archive's root folder after
     the file (a random temporary name here), so the same weights would give other bytes."""
+    import torch  # here, not above: grade.py reads these names without loading torch
+
     buffer = io.BytesIO()
     torch.save({"model": weights[max(weights)], "last_epochs": weights, "config": config}, buffer)
     return buffer.getvalue()

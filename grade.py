@@ -13,7 +13,6 @@ import argparse
 import ast
 import csv
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -28,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from artifacts import GATE_FILES, SUBMITTED, fingerprint, fingerprint_of, write_atomic
+
 HERE = Path(__file__).resolve().parent
-# The files that judge. Their sha256 together, the gate fingerprint, is in the job summary and here.
-GATE_FILES = ("test_model.py", "checks.py", "measure.py", "rules.py", "data.py", "pyproject.toml", "grade.py")
-SUBMITTED = ("model.py", "model.pt", "metrics.json")  # all that is taken from a submission
 # What a TA should know a fork changed: the gate, and what can switch its tests off around it.
 WATCHED = GATE_FILES + ("conftest.py", ".github/workflows/python-app.yml")
 COLUMNS = ("submission", "commit", "verdict", "reason", "params", "last_epochs", "changed", "flags", "retrain",
@@ -59,36 +57,12 @@ class SubmissionError(Exception):
     missing): an error row with this line; the rest still grade."""
 
 
-def write_atomically(path, data):
-    """Write bytes to path through a temporary file in the same folder and a rename, so a reader
-    never sees half of it."""
-    path = Path(path)
-    fd, staged = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(staged, path)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
-
-
-def fingerprint_of(contents):
-    """sha256 over the gate files' names and contents ({name: bytes}; an absent one counts as absent)."""
-    lines = [f"{n}\0{hashlib.sha256(contents[n]).hexdigest() if n in contents else '-'}\n" for n in GATE_FILES]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
 def epochs_text(scores):
     return " ".join(f"{epoch}:{score:.2f}" for epoch, score in scores.items())
 
 
 def last_line(text):
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
-
-
-def fingerprint(folder):
-    return fingerprint_of({n: (Path(folder) / n).read_bytes() for n in GATE_FILES if (Path(folder) / n).is_file()})
 
 
 def root_name(node):  # the name an expression starts from: F in F.relu, sys in sys.modules["x"]
@@ -391,7 +365,7 @@ def main(argv=None):
     writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(args.out, buffer.getvalue().encode())  # a gradebook is never half written
+    write_atomic(args.out, buffer.getvalue().encode())  # a gradebook is never half written
     counts = {v: sum(r.get("verdict") == v for r in rows) for v in ("pass", "fail", "error")}
     print(f"{counts['pass']} pass, {counts['fail']} fail, {counts['error']} error: {args.out}")
 

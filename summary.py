@@ -8,6 +8,7 @@ README's marked blocks, which show the rules, those two tables and the run's las
 import argparse
 import collections
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -232,6 +233,47 @@ def check_readme():
     if figures := rule_figures_in_prose(text):
         sys.exit(f"error: README.md states {figures} outside its generated blocks: rules.py sets them")
     return "README.md's blocks match the committed run and rules.py"
+
+
+# --- The gate's verdict, shown where people look: the job summary and $GATE_REPORT ---------------------
+# test_model.py collects the report once every gate test has run; these render and write it.
+
+def required(rule):
+    """The assignment's figure for one of the architecture's rules."""
+    need = {True: "required", False: "optional"}
+    return {"runs": "(N, 10) out", "parameters": f"< {rules.PARAMS_BELOW:,}", "BatchNorm": need[rules.REQUIRE_BATCHNORM],
+            "Dropout": need[rules.REQUIRE_DROPOUT], "global average pool": need[rules.REQUIRE_GAP],
+            "fully-connected": {"after-gap": "after the pool only"}.get(rules.FULLY_CONNECTED, rules.FULLY_CONNECTED),
+            "whole image": "all 784 pixels"}.get(rule, "the rules")
+
+
+MARKS = {True: "✔", False: "✘", None: "–"}
+
+
+def summary_markdown(report):
+    """The job summary: the rules, this model's figures, the one-line reason, and which gate judged."""
+    head = "✔ passed" if report["passed"] else f"✘ {'failed' if report['verdict'] == 'fail' else 'error'}"
+    lines = [f"### MNIST gate: {head}", "", "| rule | assignment | this model | |", "|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['required']} | {r['value']} | {MARKS[r['ok']]} |" for r in report["rows"]]
+    if not report["passed"]:
+        lines += ["", f"**Why:** {report['reason']}"]
+    lines += ["", f"Judged by {report['gate']}, gate fingerprint `{report['fingerprint'][:16]}`.", ""]
+    return "\n".join(lines)
+
+
+def publish(report, say):
+    """$GATE_REPORT, the job summary and the annotation; say(line) prints past pytest's capture."""
+    if os.environ.get("GATE_REPORT"):
+        artifacts.write_atomic(os.environ["GATE_REPORT"], json.dumps(report, indent=1))
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as summary:
+            summary.write(summary_markdown(report) + "\n")
+    if not report["passed"] and os.environ.get("GITHUB_ACTIONS"):
+        say(f"::error title=MNIST gate::{' '.join(report['reason'].split())}")
+    scores = " ".join(f"{s:.2f}" for s in report["last_epochs"].values())
+    say(f"gate: {report['verdict']} ({report['params'] or '?'} numbers; last epochs {scores or '?'}) "
+        f"fingerprint {report['fingerprint'][:16]}" + (f": {report['reason']}" if report["reason"] else ""))
+
 
 
 if __name__ == "__main__":

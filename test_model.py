@@ -26,7 +26,6 @@ import hashlib
 import importlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,9 @@ import torch
 
 from checks import Refusal, buildable, check_architecture, student_net
 from data import DEFAULT_DATA_DIR, DataError, load_mnist, to_float
-from grade import fingerprint, last_line, write_atomically
+from artifacts import CHECKPOINT_ENTRIES, METRICS as METRICS_FILE, MODEL as MODEL_FILE, fingerprint, write_atomic
+from grade import last_line, run_bounded
+from summary import publish, required
 from measure import BATCHNORM_STATISTICS, count_numbers
 from rules import (FULLY_CONNECTED, LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW, REQUIRE_BATCHNORM,
                    REQUIRE_DROPOUT, REQUIRE_GAP)
@@ -45,11 +46,10 @@ CLAIM_TOLERANCE = 0.02   # points (2 test images) between a claim and the CPU re
 CHILD_TIMEOUT_S = float(os.environ.get("GATE_CHILD_TIMEOUT", 600))  # per child; grade.py bounds the whole gate
 
 ROOT = Path(__file__).parent
-METRICS, WEIGHTS = ROOT / "metrics.json", ROOT / "model.pt"
+METRICS, WEIGHTS = ROOT / METRICS_FILE, ROOT / MODEL_FILE
 MODEL = ("model", "Net")  # the student's Net: model.py beside this file
 RETRAIN = ("run `python train.py` (3 to 5 minutes on a laptop CPU) and commit model.pt, metrics.json and "
            "curves.png")
-CHECKPOINT_ENTRIES = {"model": dict, "last_epochs": dict, "config": dict}  # what train.py writes to model.pt
 GATE_TESTS = ("test_architecture", "test_committed_run")  # the verdict needs every one of them
 
 
@@ -114,7 +114,7 @@ def architecture_child(net, out):
     else:
         rows, count, refusal = findings(net())  # an error in Net.__init__ is the student's: its traceback
         result = {"rows": rows, "params": count, "refusal": refusal}
-    write_atomically(out, json.dumps(result).encode())
+    write_atomic(out, json.dumps(result))
 
 
 def forward_child(net, metrics_path, weights_path, images_path, out):
@@ -147,32 +147,22 @@ def spec_of(net):
 def run_child(mode, net, *args, load):
     """`python test_model.py MODE ...` in a process of its own, under CHILD_TIMEOUT_S; load(path)
     reads its result. Its output passes through (pytest shows it with a failure)."""
-    what = "model.py" if net is None else spec_of(net)[1]
+    what, step = "model.py" if net is None else spec_of(net)[1], mode[2:]
     with tempfile.TemporaryDirectory(prefix="gate-") as tmp:
         out = Path(tmp) / "result"
         argv = [sys.executable, str(Path(__file__).resolve()), mode, *spec_of(net), *map(str, args), str(out)]
         env = {k: v for k, v in os.environ.items() if k not in ("GATE_REPORT", "GITHUB_STEP_SUMMARY")}  # not its to write
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, errors="replace")
-        try:
-            stdout, stderr = child.communicate(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            stdout, stderr = child.communicate()
-            timed_out = True
-        else:
-            timed_out = False
-        sys.stdout.write(stdout)
-        sys.stderr.write(stderr)
-        if timed_out:
-            raise ChildFailed(f"{what} did not finish within {CHILD_TIMEOUT_S:g} s ({mode[2:]} step): "
+        status, output = run_bounded(argv, ROOT, env, CHILD_TIMEOUT_S)
+        sys.stderr.write(output)
+        if status is None:
+            raise ChildFailed(f"{what} did not finish within {CHILD_TIMEOUT_S:g} s ({step} step): "
                               "a loop that never ends, or far too slow a forward")
-        if child.returncode != 0:
-            status = f"signal {-child.returncode}" if child.returncode < 0 else f"exit status {child.returncode}"
-            raise ChildFailed(f"{what} crashed in the {mode[2:]} step ({status}): "
-                              f"{last_line(stderr) or 'no message'} (the traceback above shows where)")
+        if status != 0:
+            status = f"signal {-status}" if status < 0 else f"exit status {status}"
+            raise ChildFailed(f"{what} crashed in the {step} step ({status}): "
+                              f"{last_line(output) or 'no message'} (the traceback above shows where)")
         if not out.exists():
-            raise ChildFailed(f"{what}'s process ended ({mode[2:]} step, exit status 0) before writing its result: "
+            raise ChildFailed(f"{what}'s process ended ({step} step, exit status 0) before writing its result: "
                               "code in model.py ended it early")
         return load(out)
 
@@ -388,15 +378,6 @@ def check_run(metrics_path, weights_path, test_set, net=None, report=None):
 
 # --- the verdict, written once -------------------------------------------------------------------
 
-def required(rule):
-    """The assignment's figure for one of the architecture's rules."""
-    need = {True: "required", False: "optional"}
-    return {"runs": "(N, 10) out", "parameters": f"< {PARAMS_BELOW:,}", "BatchNorm": need[REQUIRE_BATCHNORM],
-            "Dropout": need[REQUIRE_DROPOUT], "global average pool": need[REQUIRE_GAP],
-            "fully-connected": {"after-gap": "after the pool only"}.get(FULLY_CONNECTED, FULLY_CONNECTED),
-            "whole image": "all 784 pixels"}.get(rule, "the rules")
-
-
 class Report:
     """What the gate tests found: rows for the summary, and each test's outcome."""
 
@@ -423,34 +404,6 @@ class Report:
 
 
 REPORT = Report()
-MARKS = {True: "✔", False: "✘", None: "–"}
-
-
-def summary_markdown(report):
-    """The job summary: the rules, this model's figures, the one-line reason, and which gate judged."""
-    head = "✔ passed" if report["passed"] else f"✘ {'failed' if report['verdict'] == 'fail' else 'error'}"
-    lines = [f"### MNIST gate: {head}", "", "| rule | assignment | this model | |", "|---|---|---|---|"]
-    lines += [f"| {r['rule']} | {r['required']} | {r['value']} | {MARKS[r['ok']]} |" for r in report["rows"]]
-    if not report["passed"]:
-        lines += ["", f"**Why:** {report['reason']}"]
-    lines += ["", f"Judged by {report['gate']}, gate fingerprint `{report['fingerprint'][:16]}`.", ""]
-    return "\n".join(lines)
-
-
-def publish(report, say):
-    """$GATE_REPORT, the job summary and the annotation; say(line) prints past pytest's capture."""
-    if os.environ.get("GATE_REPORT"):
-        write_atomically(os.environ["GATE_REPORT"], json.dumps(report, indent=1).encode())
-    if os.environ.get("GITHUB_STEP_SUMMARY"):
-        with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as summary:
-            summary.write(summary_markdown(report) + "\n")
-    if not report["passed"] and os.environ.get("GITHUB_ACTIONS"):
-        say(f"::error title=MNIST gate::{' '.join(report['reason'].split())}")
-    scores = " ".join(f"{s:.2f}" for s in report["last_epochs"].values())
-    say(f"gate: {report['verdict']} ({report['params'] or '?'} numbers; last epochs {scores or '?'}) "
-        f"fingerprint {report['fingerprint'][:16]}" + (f": {report['reason']}" if report["reason"] else ""))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def gate_report(request):
     """After every gate test: the verdict, written once."""

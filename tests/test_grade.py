@@ -11,9 +11,11 @@ import sys
 
 import pytest
 
+import artifacts
 import grade
 from conftest import HERE, ROOT, RUN
-from test_model import Report, publish, summary_markdown
+from summary import publish, summary_markdown
+from test_model import Report
 
 # What this branch's gate replaced: a test_model.py that imported model.py into its own process.
 GATE_BEFORE_ISSUE_34 = "facc385"
@@ -93,11 +95,11 @@ def test_bad_input_is_one_line(tmp_path, argv, message):
 
 
 def test_fingerprint_changes_with_any_gate_file(tmp_path):
-    for name in grade.GATE_FILES:
+    for name in artifacts.GATE_FILES:
         (tmp_path / name).write_bytes((ROOT / name).read_bytes())
-    assert grade.fingerprint(tmp_path) == grade.fingerprint(ROOT)
+    assert artifacts.fingerprint(tmp_path) == artifacts.fingerprint(ROOT)
     (tmp_path / "rules.py").write_text((ROOT / "rules.py").read_text() + "\n")
-    assert grade.fingerprint(tmp_path) != grade.fingerprint(ROOT)
+    assert artifacts.fingerprint(tmp_path) != artifacts.fingerprint(ROOT)
 
 
 def test_job_summary_of_a_failure(tmp_path, monkeypatch, capsys):
@@ -205,7 +207,7 @@ def test_the_gate_report_and_summary_of_a_passing_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert done.returncode == 0 and report["passed"] and report["fingerprint"] == grade.fingerprint(ROOT)
+    assert done.returncode == 0 and report["passed"] and report["fingerprint"] == artifacts.fingerprint(ROOT)
     summary = (tmp_path / "summary.md").read_text()
     assert summary == summary_markdown(report) + "\n" and "✘" not in summary
     assert {row["rule"] for row in report["rows"]} >= {"parameters", "BatchNorm", "Dropout", "global average pool",
