@@ -55,8 +55,7 @@ REFUSALS = {
                             "may classify the pooled map", "use a 1x1 conv or nn.Linear"),
     "classifiers-after-gap": ("{when}{count} layers run after the global average pool: {allowed} may follow it",
                               "keep one classifier after the pool"),
-    "fully-connected-on-a-map": ("{when}`{op}` is a fully-connected layer: it mixes all {positions} positions of a "
-                                 "{shape} map at once; {where}",
+    "fully-connected-on-a-map": ("{when}`{op}` is a fully-connected layer: it mixes {what} at once; {where}",
                                  "mix channels at each position (a 1x1 conv) and let the pool combine positions"),
     "fully-connected-nowhere": ("{when}`{op}` is a fully-connected layer ({what}): these rules allow none",
                                 "classify with a 1x1 conv before the pool, and nothing after it"),
@@ -431,18 +430,27 @@ def reshapes(call):
     return call.name in RESHAPES
 
 
+def mixed(m):
+    """What a fully-connected layer mixes whole, as its refusal says it."""
+    if is_a_map(m):
+        return f"all {m.shape[2] * m.shape[3]} positions of a {tuple(m.shape[1:])} map"
+    return f"all {m[0].numel()} values of a {tuple(m.shape[1:])} vector that no pool made"
+
+
 def fully_connected_rule(t, where):
-    """The fully-connected layers of a trace against rules.FULLY_CONNECTED; returns how many run."""
+    """The fully-connected layers of a trace against rules.FULLY_CONNECTED; returns how many run.
+    Where they may run after the pool, one may act on a pooled vector anywhere (squeeze-and-
+    excitation); with no pool required and none run, one may classify whatever it is given."""
     layers, gap = t.fully_connected(), t.output_gap() if t.pools else None
-    on_maps = [(i, m) for i, m in layers if is_a_map(m) and id(m) not in t.point]
     for i, m in layers if where == "nowhere" else []:
-        what = f"it mixes all {m.shape[2] * m.shape[3]} positions of a map" if is_a_map(m) else "on a vector"
+        what = f"it mixes {mixed(m)}" if is_a_map(m) else "on a vector"
         raise refusal("fully-connected-nowhere", when=t.when.label, op=t.calls[i].name, what=what)
-    for n, (i, m) in enumerate(on_maps):
-        if gap is not None and i > gap or gap is None and not rules.REQUIRE_GAP and n == len(on_maps) - 1:
+    unpooled = [(i, m) for i, m in layers if id(m) not in t.point]
+    for n, (i, m) in enumerate(unpooled):
+        if gap is not None and i > gap or gap is None and not rules.REQUIRE_GAP and n == len(unpooled) - 1:
             continue  # after the pool it is the head's to judge; with no pool required, the last classifies
-        raise refusal("fully-connected-on-a-map", when=t.when.label, op=t.calls[i].name,
-                      positions=m.shape[2] * m.shape[3], shape=tuple(m.shape[1:]), where=FC_WHERE[where])
+        raise refusal("fully-connected-on-a-map", when=t.when.label, op=t.calls[i].name, what=mixed(m),
+                      where=FC_WHERE[where])
     return len(layers)
 
 

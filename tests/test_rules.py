@@ -5,6 +5,7 @@ checks.check_architecture applies them to model.py's Net exactly as to these.
 The accepted models are written the ways this course's students write them: modules or functional
 calls, logits or log_softmax, and optionally a fully-connected layer after the global average pool.
 """
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -1319,3 +1320,149 @@ def test_gate_accepts_small_settings_in_the_model_file(name, library_class_resto
 def test_gate_counts_tables_kept_as_text_dicts_arrays_and_on_library_classes(name, message, library_class_restored):
     with pytest.raises(AssertionError, match=message):
         check_architecture(model_file(name)())
+
+
+# --- the course's switches (rules.py) and the API the job summary reads ------------------------------
+
+class MaxPoolFlattenLinear(nn.Module):
+    """No global average pool: a max-pool, flatten and nn.Linear classify the 4x4 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.fc = trunk(width=8), nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(F.max_pool2d(self.features(x), 2).flatten(1))
+
+
+class TwoFullyConnected(MaxPoolFlattenLinear):
+    """A hidden fully-connected layer before the classifying one."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.fc = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.hidden(F.max_pool2d(self.features(x), 2).flatten(1))))
+
+
+@pytest.fixture
+def course(monkeypatch):
+    """Sets rules.py's switches for one test, as a course would in its rules.py."""
+    def set_rules(**switches):
+        for name, value in switches.items():
+            monkeypatch.setattr(rules, name, value)
+    return set_rules
+
+
+def test_without_a_required_gap_max_pool_flatten_linear_passes(course):
+    with pytest.raises(AssertionError, match="^no global average pooling"):
+        check_architecture(MaxPoolFlattenLinear())
+    course(REQUIRE_GAP=False)
+    assert check_architecture(MaxPoolFlattenLinear()) == count_numbers(MaxPoolFlattenLinear())
+    with pytest.raises(AssertionError, match="^`linear` is a fully-connected layer: it mixes all 16 positions of a "
+                                             r"\(8, 4, 4\) map at once"):
+        check_architecture(TwoFullyConnected())  # one classifier, not two
+    course(FULLY_CONNECTED="nowhere")
+    with pytest.raises(AssertionError, match=r"^`linear` is a fully-connected layer \(it mixes all 16 positions "
+                                             r"of a \(8, 4, 4\) map\): these rules allow none"):
+        check_architecture(MaxPoolFlattenLinear())
+
+
+@pytest.mark.parametrize("switch, model, message", [
+    ("REQUIRE_BATCHNORM", lambda: without(nn.BatchNorm2d), "^no BatchNorm ran"),
+    ("REQUIRE_DROPOUT", lambda: without(nn.Dropout), "^no Dropout with p > 0"),
+], ids=["batchnorm", "dropout"])
+def test_a_course_can_make_a_part_optional(course, switch, model, message):
+    with pytest.raises(AssertionError, match=message):
+        check_architecture(model())
+    course(**{switch: False})
+    check_architecture(model())
+    assert {f.rule: f.value for f in checks.findings(model())}[{"REQUIRE_BATCHNORM": "BatchNorm",
+                                                                 "REQUIRE_DROPOUT": "Dropout"}[switch]] == "not required"
+
+
+def test_a_course_can_allow_fully_connected_layers_anywhere(course):
+    for model in (KernelCoversTheMap, TwoLinearsAfterPool, LinalgMatmulThenPool):
+        with pytest.raises(AssertionError, match="fully-connected layer|2 layers run after the global average pool"):
+            check_architecture(model())
+    course(FULLY_CONNECTED="anywhere")
+    for model in (KernelCoversTheMap, TwoLinearsAfterPool, LinalgMatmulThenPool):
+        check_architecture(model())
+
+
+def test_a_course_can_forbid_fully_connected_layers_everywhere(course):
+    check_architecture(SqueezeExcitation())
+    course(FULLY_CONNECTED="nowhere")
+    with pytest.raises(AssertionError, match=r"^`linear` is a fully-connected layer \(on a vector\): these rules allow"):
+        check_architecture(SqueezeExcitation())
+    check_architecture(ModuleGap())  # a 1x1 conv before the pool mixes no positions
+
+
+def test_a_mistyped_switch_is_the_gates_error_not_the_students(course):
+    course(FULLY_CONNECTED="sometimes")
+    with pytest.raises(checks.GateError, match="^the gate could not check the fully-connected rule: ValueError: "
+                                               "rules.FULLY_CONNECTED is 'sometimes'"):
+        check_architecture(ModuleGap())
+
+
+def test_findings_judge_every_rule():
+    found = checks.findings(ModuleGap())
+    assert [f.rule for f in found] == list(checks.RULES) and all(f.ok and not f.reason for f in found)
+    assert {f.rule: f.value for f in found}["parameters"] == f"{count_numbers(ModuleGap()):,}"
+
+
+def test_findings_carry_the_refusal_of_each_broken_rule():
+    found = {f.rule: f for f in checks.findings(CropWithALeak())}
+    with pytest.raises(AssertionError) as refusal:
+        check_architecture(CropWithALeak())
+    assert not found["whole image"].ok and found["whole image"].reason == str(refusal.value)
+    assert [rule for rule, f in found.items() if not f.ok] == ["whole image"]
+
+
+def test_findings_of_a_model_that_does_not_run_judge_nothing_else():
+    found = checks.findings(RaisesInForward())
+    assert found[0].reason.startswith("forward raised RuntimeError: shapes do not match")
+    assert all(f.value == "not judged" and not f.ok for f in found[1:])
+
+
+def test_an_error_in_the_gate_names_the_gate(monkeypatch):
+    """A bug in the gate's own code is reported as the gate's, one line, never blamed on the model."""
+    def broken(model):
+        raise TypeError("'numpy.int64' object is not iterable")
+
+    monkeypatch.setattr(checks, "blind_pixels", broken)
+    found = {f.rule: f for f in checks.findings(ModuleGap())}["whole image"]
+    assert found.value == "not judged" and found.reason == (
+        "the gate could not check the whole image rule: TypeError: 'numpy.int64' object is not iterable (an error "
+        "in the gate's checks.py, not a verdict on your model: please report it)")
+    with pytest.raises(checks.GateError):
+        check_architecture(ModuleGap())
+
+
+def test_an_error_in_forward_under_the_training_batch_is_the_students():
+    class RaisesAtTrainingBatch(ModuleGap):
+        def forward(self, x):
+            if len(x) == checks.TRAINING_BATCH:
+                raise ValueError("batch too large")
+            return super().forward(x)
+
+    with pytest.raises(checks.Unusable, match=rf"^forward raised ValueError: batch too large on "
+                                              rf"{checks.TRAINING_BATCH} images in training mode") as stop:
+        check_architecture(RaisesAtTrainingBatch())
+    assert isinstance(stop.value.__cause__, ValueError)  # its traceback points at the student's line
+
+
+def test_the_refusal_table_is_the_catalogue():
+    rows = checks.refusal_table()
+    assert rows[:2] == ["| the gate says | fix |", "|---|---|"] and len(rows) == len(checks.REFUSALS) + 2
+    assert rows == checks.refusal_table()  # deterministic: the README shows it as a generated block
+    assert all(row.count(" | ") == 1 for row in rows[2:])
+    assert checks.FORMS[:2] == ["| part | accepted forms |", "|---|---|"]
+
+
+def test_the_conditions_are_trainings_and_scorings():
+    import train
+    from test_model import score
+    assert checks.TRAINING_BATCH == train.BATCH_SIZE
+    assert f"batch_size={checks.SCORING_BATCH}" in inspect.getsource(score)
