@@ -269,7 +269,7 @@ class Trace:
             try:
                 return (*torch_calls(model, x, alter, self.when.grad), x)
             except ForwardError as e:
-                raise ForwardError.under(self.when) from e.__cause__
+                raise ForwardError(self.when) from e.__cause__
 
     def read(self, i, call):
         ins = [t for t in tensors_in(call) if id(t) in self.image]
@@ -464,7 +464,7 @@ def redrawn(model):
         try:
             model.eval()(torch.zeros(2, 1, 28, 28))  # a lazy layer gets its weights here
         except Exception as e:
-            raise ForwardError.under(Conditions("", False, 2, False, "fresh")) from e
+            raise ForwardError(Conditions("", False, 2, False, "fresh")) from e
         generator = torch.Generator().manual_seed(SEED)
         for t in model.parameters():
             if t.is_floating_point() and t.numel() > 1 and bool(t.max() != t.min()):
@@ -482,7 +482,7 @@ def warmed(model):
             try:
                 model(torch.rand(2, 1, 28, 28, generator=generator))
             except Exception as e:
-                raise ForwardError.under(Conditions("", True, 2, True, "fresh")) from e
+                raise ForwardError(Conditions("", True, 2, True, "fresh")) from e
     return model
 
 
@@ -494,7 +494,8 @@ def in_double_precision(model, x):
         copied = copy.deepcopy(model).eval()
         try:
             with RectifiersPassThrough(), torch.random.fork_rng(devices=[]):
-                return copied.to(dtype)(x.to(dtype)).double().nan_to_num(), precision
+                copied, x = (copied.double(), x.double()) if dtype else (copied, x)
+                return copied(x).double().nan_to_num(), precision
         except Exception:
             if dtype is None:
                 raise
