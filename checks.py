@@ -1,38 +1,103 @@
-"""How the gate judges a model against the assignment's rules (rules.py): by the torch operations
-its forward pass runs (measure.torch_calls), the numbers it carries (measure.carried_numbers) and
-the input pixels each logit depends on. test_model.py applies check_architecture to model.py's Net;
-train.py applies it before the first epoch, so a refusal shows in seconds, not after training.
+"""How the gate judges a model against the course's rules (rules.py). test_model.py applies
+check_architecture to model.py's Net; train.py applies it before the first epoch; findings() gives
+every rule's verdict for the job summary. Every refusal a student can read is in REFUSALS below.
 
-Every verdict is the same on every run: the checks run on a copy of the model whose random weights
-are redrawn from a fixed seed, on fixed inputs, with dropout's masks drawn from a fixed seed.
+The model is judged by value, under the conditions that matter: training (train mode, gradients
+on, the training batch, on its first call and after an epoch of calls) and scoring (eval mode, no
+gradients, the gate's scoring batch, the trained state loaded into a fresh model). A part counts
+when its input varies with the image and the output changes with what it does. Only parameters
+are redrawn (from a fixed seed, so every run gives the same verdict); buffers stay as held.
 """
 import copy
-import inspect
+from dataclasses import dataclass
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from rules import CLASSES, FULLY_CONNECTED, PARAMS_BELOW
+import rules
+from measure import (ForwardError, RectifiersPassThrough, argument, carried_numbers, feeding, outputs, replayed,
+                     tensors_in, torch_calls)
 
-CLASSIFIER_AFTER_GAP = FULLY_CONNECTED != "nowhere"  # rules.FULLY_CONNECTED: "anywhere" is not implemented yet
-from measure import BATCHNORM_STATISTICS, argument, carried_numbers, torch_calls
+# --- the catalogue: every refusal, as the student reads it, and its fix ------------------------------
+REFUSALS = {
+    "no-arguments": ("model.py's Net() must build with no arguments ({error})",
+                     "give every argument of `Net.__init__` a default"),
+    "forward-raised": ("forward raised {error} on {images} in {mode} mode{hint}",
+                       "fix the line the traceback above points at"),
+    "output-shape": ("output {shape} for {images} in {mode} mode, expected ({n}, {classes}): logits or "
+                     "log-probabilities{hint}",
+                     "end with 10 values per image; `x.squeeze()` drops a single image's batch dimension: use "
+                     "`x.flatten(1)`"),
+    "no-gradient": ("{when}the output carries no gradient in training mode: the model cannot learn (don't compute "
+                    "the logits from .numpy(), .item() or under torch.inference_mode())",
+                    "compute the logits with torch operations on the input"),
+    "torchscript-module": ("`{name}` is a TorchScript module, which the gate cannot see into",
+                           "script functions, not modules, or drop torch.jit.script: the gate runs the Python"),
+    "no-batchnorm": ("{when}no BatchNorm ran in forward (nn.BatchNorm2d or F.batch_norm; one defined but not called, "
+                     "applied to a constant, or whose result does not change the output, does not count)",
+                     "call it in `forward` on the activations and use its result (GroupNorm or LayerNorm do not "
+                     "count)"),
+    "no-dropout": ("{when}no Dropout with p > 0 ran in forward in training mode (nn.Dropout, nn.Dropout2d, or "
+                   "F.dropout(x, p, training=self.training); one applied to a constant, undone, or whose mask does "
+                   "not change the output does not count)",
+                   "`x = self.drop(x)` with p > 0; with `F.dropout`, pass `training=self.training`"),
+    "no-gap": ("{when}no global average pooling ran in forward: use nn.AdaptiveAvgPool2d(1), nn.AvgPool2d over the "
+               "whole map, F.adaptive_avg_pool2d(x, 1) or x.mean((2, 3))",
+               "pool the last map with a form of the forms table; a max pool, or a window smaller than the map, is "
+               "not one"),
+    "gap-on-1x1": ("{when}the average pool maps (1, 1) to (1, 1): it must pool a map larger than 1x1 (a 1x1 map "
+                   "padded, expanded or upsampled is still 1x1)",
+                   "stop the convolutions at a 2x2 map or larger and let the pool do the rest"),
+    "output-not-from-gap": ("{when}the output does not come from the global average pool",
+                            "return what the pool (and the classifier after it) computed"),
+    "after-gap": ("{when}`{op}` runs after the global average pool: only {allowed} may follow it",
+                  "move it before the pool, or drop it"),
+    "wide-conv-after-gap": ("{when}a {k}x{k} conv runs after the global average pool: only a 1x1 conv or nn.Linear "
+                            "may classify the pooled map", "use a 1x1 conv or nn.Linear"),
+    "classifiers-after-gap": ("{when}{count} layers run after the global average pool: {allowed} may follow it",
+                              "keep one classifier after the pool"),
+    "fully-connected-on-a-map": ("{when}`{op}` is a fully-connected layer: it mixes {what} at once; {where}",
+                                 "mix channels at each position (a 1x1 conv) and let the pool combine positions"),
+    "fully-connected-nowhere": ("{when}`{op}` is a fully-connected layer ({what}): these rules allow none",
+                                "classify with a 1x1 conv before the pool, and nothing after it"),
+    "blind-pixels": ("logit {k} ignores {blind} of the 784 input pixels: every logit must see the whole image",
+                     "don't crop or mask the input; grow the receptive field to the whole image"),
+    "too-many-numbers": ("{total:,} parameters and other carried numbers; the rule is fewer than {limit:,} (largest: "
+                         "{largest}{others})", "make the model smaller; the largest tables are named"),
+    "uncountable": ("the numbers the model carries could not be counted: forward in eval mode on 2 and 3 images "
+                    "raised {error}", "make forward run in eval mode on any batch"),
+    "gate-error": ("the gate could not check the {rule} rule: {error} (an error in the gate's checks.py, not a "
+                   "verdict on your model: please report it)", "nothing in your model: report it"),
+}
+# Where a fully-connected layer may run, as the refusal says it (rules.FULLY_CONNECTED).
+FC_WHERE = {"after-gap": "a fully-connected layer may only classify the pooled vector",
+            "nowhere": "these rules allow none"}
+FORMS = [
+    "| part | accepted forms |", "|---|---|",
+    "| BatchNorm | `nn.BatchNorm2d` (or 1d, affine or not), `F.batch_norm`, on activations that vary with the image |",
+    "| Dropout | `nn.Dropout`, `nn.Dropout2d`, `F.dropout(x, p, training=self.training)`, p a number or a tensor > 0, "
+    "whose mask changes the output |",
+    "| global average pool | any mean over all positions of a map larger than 1×1, whatever the layout: "
+    "`nn.AdaptiveAvgPool2d(1)`, `nn.AvgPool2d(k)` over the whole k×k map, `F.adaptive_avg_pool2d(x, 1)`, "
+    "`x.mean((2, 3))`, `x.view(n, c, -1).mean(-1)`, `x.mean(-1).mean(-1)`, channels-last `x.mean((1, 2))` |",
+    "| after the pool | reshapes (`view`, `flatten`, `squeeze`, `x[:, :, 0, 0]`), casts, dropout, `softmax` / "
+    "`log_softmax`, and one classifier: `nn.Linear` or a 1×1 conv |",
+    "| before the pool | convolutions, and layers that mix channels at each position (`nn.Linear` over the channel "
+    "axis is a 1×1 conv); no layer that mixes all positions of a map at once (a conv whose kernel covers the map, "
+    "a Linear or matmul on a flattened map); a Linear on a pooled vector (squeeze-and-excitation) |",
+    "| TorchScript | `@torch.jit.script` functions (the gate runs the Python they were scripted from) |",
+]
+RULES = ("runs", "parameters", "BatchNorm", "Dropout", "global average pool", "fully-connected", "whole image")
+CHECK_ORDER = ("runs", "BatchNorm", "Dropout", "global average pool", "fully-connected", "whole image", "parameters")
+SQUEEZE_HINT = " (x.squeeze() drops the batch dimension of a single image: use x.flatten(1))"
 
-# How the recorded torch calls (measure.torch_calls) are read. Modules and their functional forms
-# record the same name: nn.Dropout and F.dropout are both "dropout".
-BATCH_NORM = "batch_norm"
-DROPOUT_TRAINS_BY_DEFAULT = {"dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
-                             "alpha_dropout": False, "feature_alpha_dropout": False}
-RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose"}
-# Change no value (or only its precision): a cast, a copy, a move to another device.
-VALUE_PRESERVING = {"contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu",
-                    "cuda"}
-OUTPUT_NORMALISERS = {"softmax", "log_softmax"}
-CLASSIFIERS = {"linear", "conv2d"}  # nn.Linear / F.linear; nn.Conv2d / F.conv2d, 1x1 only
-# A product of the activations with a matrix of the model's own: a fully-connected layer, whichever
-# way it is spelled (a product of two activations, as in attention, is not one).
-MATRIX_PRODUCTS = {"linear", "matmul", "rmatmul", "mm", "bmm", "einsum", "addmm", "tensordot", "inner", "mv"}
-BATCH = 4  # images in the traced forward passes
-SEED = 0
+
+def refusal_table():
+    """The catalogue as markdown rows, "| the gate says | fix |", in the catalogue's order."""
+    def shown(template):
+        return "`" + template.replace("{when}", "").replace("`", "'") + "`"
+
+    rows = [f"| {shown(message)} | {fix} |" for message, fix in REFUSALS.values()]
+    return ["| the gate says | fix |", "|---|---|", *rows]
 
 
 class Refusal(AssertionError):
@@ -45,9 +110,17 @@ class Unusable(Refusal):
     not (N, 10) for every N): train.py stops on it before the first epoch."""
 
 
-def require(condition, message, kind=Refusal):
+class GateError(Refusal):
+    """The gate itself failed on a model: its message names the gate, never the student."""
+
+
+def refusal(key, kind=Refusal, **fields):
+    return kind(REFUSALS[key][0].format(**fields))
+
+
+def require(condition, key, kind=Refusal, **fields):
     if not condition:
-        raise kind(message)
+        raise refusal(key, kind, **fields)
 
 
 def one_line(error):
@@ -56,83 +129,147 @@ def one_line(error):
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
-# --- the model under judgement: model.py's Net ----------------------------------------------------
-
 def buildable(cls):
     """None if cls() can be called with no arguments, else a one-line reason. train.py and the gate
     build model.py's Net() so; an error raised inside Net.__init__ is the student's, with its traceback."""
+    import inspect
     try:
         inspect.signature(cls).bind()
     except TypeError as e:
-        return (f"model.py's Net() must build with no arguments ({e}): give each argument of Net.__init__ "
-                "a default")
+        return REFUSALS["no-arguments"][0].format(error=e) + ": give each argument of Net.__init__ a default"
     except ValueError:  # no signature to read: let the call itself say
         pass
     return None
 
 
 def student_net():
-    """model.py's Net class. Imported when asked for, not when this file is: the project's tests and
-    research scripts import the tools here and must start whatever model.py holds. An error in
-    model.py keeps its traceback, which points at the student's line."""
+    """model.py's Net class, imported when asked for: an error in model.py keeps its traceback."""
     from model import Net
     return Net
 
 
-# --- the forward pass, recorded ---------------------------------------------------------------------
+def check_runs(model):
+    """The model runs and returns (N, 10) for a batch of several images in training mode, and for
+    several and for one in eval mode (scoring may feed one image at a time)."""
+    for training, n in ((True, 4), (False, 4), (False, 1)):
+        fields = dict(images="1 image" if n == 1 else f"{n} images", mode="training" if training else "eval")
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                out = copy.deepcopy(model).train(training)(torch.rand(n, 1, 28, 28))
+        except Exception as e:
+            raise refusal("forward-raised", Unusable, error=one_line(e), **fields,
+                          hint=f", though it ran on 4{SQUEEZE_HINT}" if n == 1 else "") from e
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        hint = SQUEEZE_HINT if n == 1 and isinstance(out, torch.Tensor) and out.numel() == rules.CLASSES else ""
+        require(shape == (n, rules.CLASSES), "output-shape", Unusable, shape=shape, n=n, classes=rules.CLASSES,
+                hint=hint, **fields)
 
-def tensors_in(call):
-    values = [*call.args, *call.kwargs.values()]
-    return [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, torch.Tensor)]
+
+# --- the conditions a model is judged under --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Conditions:
+    label: str      # how a refusal under them starts ("" for the first training call)
+    training: bool
+    batch: int
+    grad: bool
+    start: str      # "fresh": the model as built; "warm": after WARM_UP_CALLS training calls; "scored":
+                    # a fresh model holding the warm one's state, as the gate loads a checkpoint
+
+    @property
+    def mode(self):
+        return "training" if self.training else "eval"
 
 
-def outputs(call):
-    """The tensors a call returned: one, or each of a tuple's (x.chunk, F.max_pool2d's indices)."""
+TRAINING_BATCH = 128  # train.py's batch size
+SCORING_BATCH = 1000  # test_model.score's
+WARM_UP_CALLS = 469   # one epoch of 60,000 images at 128: a forward that changes after N calls shows
+SEED = 0
+CONDITIONS = (Conditions("", True, TRAINING_BATCH, True, "fresh"),
+              Conditions(f"after {WARM_UP_CALLS} training calls: ", True, TRAINING_BATCH, True, "warm"),
+              Conditions("in eval mode (what is scored): ", False, SCORING_BATCH, False, "scored"))
+RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "contiguous", "clone",
+            "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "cuda"}  # change no value
+DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
+AVERAGES = {"mean", "adaptive_avg_pool2d", "adaptive_avg_pool1d", "avg_pool2d", "avg_pool1d"}
+PASSIVE = {"softmax", "log_softmax", *DROPOUTS}  # may follow the pool
+ACTIVATIONS = {"relu", "gelu", "silu", "sigmoid", "tanh", "leaky_relu", "elu", "relu6", "hardtanh", "mish"}
+CLASSIFIERS = {"linear", "conv2d"}  # nn.Linear / F.linear; nn.Conv2d / F.conv2d, 1x1 only
+CLASSIFIERS_AFTER_GAP = {"after-gap": 1, "nowhere": 0, "anywhere": float("inf")}
+
+
+def images(n, seed=SEED):
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def varies_with_the_image(t):
+    """Whether a tensor differs between the images of the batch (its first axis)."""
+    t = t.detach()
+    return t.dim() > 0 and t.shape[0] > 1 and bool((t != t[:1]).any())
+
+
+def the_same(a, b, tolerance=0.0):
+    """Whether two outputs are equal, within tolerance times b's largest value."""
+    if not (isinstance(a, torch.Tensor) and a.shape == b.shape):
+        return False
+    a, b = a.detach().nan_to_num(), b.detach().nan_to_num()
+    return bool((a - b).abs().max() <= tolerance * b.abs().max()) if tolerance and a.numel() else torch.equal(a, b)
+
+
+def is_a_map(t):
+    return isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2] * t.shape[3] > 1
+
+
+def is_the_mean(y, mean):
+    """Whether y holds mean's values, per image and channel, in whatever layout."""
+    if y.numel() != mean.numel() or not y.is_floating_point():
+        return False
+    return torch.allclose(y.detach().reshape(mean.shape).float(), mean, rtol=1e-3, atol=1e-5 * (1 + mean.abs().max()))
+
+
+def noised(call):
+    """The call's result with noise added, in place if the call was in place (its result may go unread)."""
     out = call.out
-    return [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, torch.Tensor)]
+    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel()):
+        return out
+    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(out) * \
+        (out.detach().abs().mean().nan_to_num() + 1)
+    return out.add_(noise) if any(out is a for a in call.args) else out + noise
 
 
-def spatial(t):
-    """H * W of a map (N, C, H, W) or of a flattened one (N, C, L); 1 for anything else."""
-    return t.shape[2] * (t.shape[3] if t.dim() == 4 else 1) if t.dim() in (3, 4) else 1
-
-
-def mean_dims(call, x):
-    dims = argument(call, 1, "dim", call.kwargs.get("axis"))  # torch takes axis= as another name for dim=
-    if dims is None or not isinstance(dims, (int, tuple, list)):
-        return None
-    return {d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)}
+def redrawn_mask(call):
+    """The dropout made again with another mask; the random stream after it is left as it was."""
+    state = torch.get_rng_state()
+    torch.manual_seed(SEED + 2)
+    out = call.again(*call.args)
+    torch.set_rng_state(state)
+    return out
 
 
 class Trace:
-    """One forward pass of a fresh copy of the model, in training or eval mode, recorded, and what
-    the rules read from it:
+    """One forward pass of a copy of `start` under `when`, recorded, and what the rules read off it:
+    image (ids of the tensors computed from the input), point (of those computed from 1x1 maps or
+    pooled vectors alone: a map made from them is still one position), pools ({call: (H, W)} for
+    each call whose result is the mean over all positions of an H x W map)."""
 
-    - image: the tensors computed from the input (the rest are the model's constants);
-    - point: those that hold one value per channel at most, whatever their shape: a 1x1 map, a
-      pooled vector, and what is computed from them alone (padded, expanded, upsampled, convolved,
-      through a Linear or a ReLU): a map made so is still a 1x1 map;
-    - region: {id: (H, W)} for a tensor whose last axis, averaged, averages an H x W map: the map
-      flattened to (N, C, H*W), or already averaged over its rows (x.mean(3)).
-    """
-
-    def __init__(self, model, training):
-        self.model, self.training = model, training
-        self.mode = "training" if training else "eval"
-        self.x = torch.rand(BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(SEED))
+    def __init__(self, start, when):
+        self.start, self.when, self.x, self.matter = start, when, images(when.batch), {}
         self.calls, self.out, fed = self.run()
         self.path = feeding(self.calls, self.out)
-        self.image, self.point, self.region, self.pools = {id(fed)}, set(), {}, {}
+        self.maker = {id(t): i for i, call in enumerate(self.calls) for t in outputs(call)}
+        self.image, self.point, self.pools, self.means = {id(fed)}, set(), {}, {}
         for i, call in enumerate(self.calls):
             self.read(i, call)
-        self.matter = {}
 
     def run(self, alter=None):
-        """The model's calls and output on the same input, with the same dropout masks, every time."""
-        model, x = copy.deepcopy(self.model).train(self.training), self.x.clone()
+        """The calls and output on the same input, with the same dropout masks, every time."""
+        model, x = copy.deepcopy(self.start).train(self.when.training), self.x.clone()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SEED)
-            return (*torch_calls(model, x, alter), x)
+            try:
+                return (*torch_calls(model, x, alter, self.when.grad), x)
+            except ForwardError as e:
+                raise ForwardError(self.when) from e.__cause__
 
     def read(self, i, call):
         ins = [t for t in tensors_in(call) if id(t) in self.image]
@@ -143,94 +280,146 @@ class Trace:
             self.pools[i] = hw
         for t in outputs(call):
             self.image.add(id(t))
-            reduced = any(s.dim() in (3, 4) and t.shape[:2] == s.shape[:2] and spatial(s) > 1 for s in ins)
-            if hw or all(id(s) in self.point for s in ins) or (t.dim() in (2, 3, 4) and spatial(t) == 1 and
-                                                                 (reduced or t.dim() == 4)):
+            one_position = t.dim() in (2, 3, 4) and t.shape[2:].numel() == 1 and (t.dim() == 4 or any(
+                s.dim() in (3, 4) and t.shape[:2] == s.shape[:2] and s.shape[2:].numel() > 1 for s in ins))
+            if hw or one_position or all(id(s) in self.point for s in ins):
                 self.point.add(id(t))
-        x, out = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else ins[0], call.out
-        if not isinstance(out, torch.Tensor) or hw:
-            return
-        if call.name in RESHAPES and x.dim() == 4 and out.dim() == 3 and out.shape[:2] == x.shape[:2]:
-            self.region[id(out)] = tuple(x.shape[2:])  # x.view(n, c, -1)
-        elif call.name == "mean" and x.dim() == 4 and mean_dims(call, x) in ({2}, {3}):
-            self.region[id(out)] = tuple(x.shape[2:])  # x.mean(3): a mean over rows, a step to the map's mean
-        elif call.name in VALUE_PRESERVING and id(x) in self.region:
-            self.region[id(out)] = self.region[id(x)]
+
+    def maps_before(self, ins, depth=8):
+        """The nearest maps (N, C, H, W) with H * W > 1 that ins are computed from."""
+        found, frontier, seen = [], list(ins), set()
+        for _ in range(depth):
+            earlier = []
+            for t in frontier:
+                if id(t) in seen or id(t) not in self.image:
+                    continue
+                seen.add(id(t))
+                if is_a_map(t):
+                    found.append(t)  # and, if it only rearranges one (channels last), that one too
+                maker = self.calls[self.maker[id(t)]] if id(t) in self.maker else None
+                if maker is not None and (not is_a_map(t) or reshapes(maker)):
+                    earlier += tensors_in(maker)
+            frontier = earlier
+        return found
 
     def pool_size(self, call, ins):
-        """The (H, W) of the map that a call averages to one value per channel, or None if it is no
-        such pool: adaptive_avg_pool2d to 1x1, avg_pool2d with a window over the whole map, a mean
-        over H and W (in one call or two), or over the last axis of a map viewed as (N, C, H*W). A map
-        made from a 1x1 one (padded, expanded, upsampled) counts as 1x1, as does one that is the
-        same at every position."""
-        x = call.args[0] if call.args else call.kwargs.get("input")
-        if not (isinstance(x, torch.Tensor) and x.dim() in (3, 4) and isinstance(call.out, torch.Tensor)
-                and id(x) in {id(t) for t in ins}):
+        """(H, W) if the call's result is the mean over all positions of an H x W map computed
+        before it (and its inputs are not that mean already); (1, 1) for an average of a 1x1 map, or
+        of a map made from one, or the same at every position."""
+        y = call.out
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
             return None
-        hw = self.region.get(id(x), tuple(x.shape[2:]) if x.dim() == 4 else (x.shape[2], 1))
-        pooled = None
-        if call.name == "mean":
-            dims = mean_dims(call, x)
-            whole = {d for d in (2, 3)[:x.dim() - 2] if x.shape[d] > 1} or {x.dim() - 1}
-            full = {2, 3} if x.dim() == 4 else {2}
-            if dims is not None and ((dims == full and x.dim() == 4) or (id(x) in self.region and whole <= dims <= full)):
-                pooled = hw
-        elif call.name in ("adaptive_avg_pool2d", "adaptive_avg_pool1d") and call.out.shape[2:] == (1,) * (x.dim() - 2):
-            pooled = hw if x.dim() == 4 or id(x) in self.region else None
-        elif call.name in ("avg_pool2d", "avg_pool1d"):
-            kernel, padding = argument(call, 1, "kernel_size"), argument(call, 3, "padding", 0)
-            kernel = (kernel,) * (x.dim() - 2) if isinstance(kernel, int) else tuple(kernel)
-            if all(k >= n for k, n in zip(kernel, x.shape[2:])) and padding in (0, (0,), (0, 0), [0], [0, 0]) and \
-                    (x.dim() == 4 or id(x) in self.region):
-                pooled = hw
-        if pooled is None:
-            return None
-        if id(x) in self.point or (x.numel() and bool((x.flatten(2).amax(2) == x.flatten(2).amin(2)).all())):
+        if call.name in AVERAGES and ins[0].dim() == 4 and ins[0].shape[2:].numel() == 1 and \
+                y.numel() == ins[0].shape[:2].numel():
             return (1, 1)
-        return pooled
+        for m in self.maps_before(ins):
+            mean = self.means.setdefault(id(m), m.detach().float().mean((2, 3)))
+            if is_the_mean(y, mean) and not any(is_the_mean(s, mean) for s in ins):
+                flat = m.detach().flatten(2)
+                one = id(m) in self.point or bool((flat.amax(2) == flat.amin(2)).all())
+                return (1, 1) if one else tuple(m.shape[2:])
+        return None
 
     def matters(self, i):
-        """Whether the output changes when the i-th call's result is changed: what is computed and
-        then multiplied by zero, or thrown away, does not count as run."""
-        if i not in self.path:
-            return False
+        """Whether the output changes when the i-th call's result is changed."""
         if i not in self.matter:
-            _, out, _ = self.run({i: perturbed})
-            same = isinstance(out, torch.Tensor) and out.shape == self.out.shape and \
-                torch.equal(out.nan_to_num(), self.out.nan_to_num())
-            self.matter[i] = not same
+            self.matter[i] = not the_same(self.run({i: noised})[1], self.out)
         return self.matter[i]
 
-
-def perturbed(out, args):
-    """out with noise added, in place if the call was in place (its result may go unread)."""
-    if not (isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel()):
-        return out
-    noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(SEED + 1)).to(out) * \
-        (out.detach().abs().mean().nan_to_num() + 1)
-    if any(out is a for a in args):
-        return out.add_(noise)
-    return out + noise
-
-
-def feeding(calls, out):
-    """The indices of the calls that the output is computed from, found walking back from it: a layer
-    whose result is thrown away does not count. (Trace.matters then asks whether it changes it.)"""
-    on_path, needed = set(), {id(out)}
-    for i in reversed(range(len(calls))):
-        if any(id(t) in needed for t in outputs(calls[i])):
-            on_path.add(i)
-            needed.update(id(t) for t in tensors_in(calls[i]))
-    return on_path
-
-
-def drops(call):
-    """Whether a recorded call is a dropout that drops: p > 0, in training mode."""
-    if call.name not in DROPOUT_TRAINS_BY_DEFAULT:
+    def part_works(self, kind):
+        """A call of kind (batch_norm, or a dropout) on activations that vary with the image, whose
+        result the output depends on; for a dropout, on its mask: another mask, another output."""
+        for i, call in enumerate(self.calls):
+            if call.name != kind and not (kind == "dropout" and call.name in DROPOUTS):
+                continue
+            ins = tensors_in(call)
+            if not ins or not varies_with_the_image(ins[0]):
+                continue
+            if kind != "dropout" and self.matters(i):
+                return True
+            if kind == "dropout" and not the_same(self.run({i: redrawn_mask})[1], self.out, 1e-4):
+                return True
         return False
-    training = call.kwargs.get("train", argument(call, 2, "training", DROPOUT_TRAINS_BY_DEFAULT[call.name]))
-    p = argument(call, 1, "p", 0.5)
-    return isinstance(p, (int, float)) and p > 0 and bool(training)
+
+    def output_gap(self):
+        """The last global average pool over a map larger than 1x1 that the output depends on."""
+        gaps = [i for i, (h, w) in self.pools.items() if h * w > 1]
+        return next((i for i in reversed(gaps) if varies_with_the_image(tensors_in(self.calls[i])[0])
+                     and self.matters(i)), None)
+
+    def check_head(self):
+        """A GAP over a map larger than 1x1 feeds the output, and what follows it is parameter-free
+        but for the classifiers rules.FULLY_CONNECTED allows."""
+        when, where = self.when.label, rules.FULLY_CONNECTED
+        require(self.pools, "no-gap", when=when)
+        require(any(h * w > 1 for h, w in self.pools.values()), "gap-on-1x1", when=when)
+        gap = self.output_gap()
+        require(gap is not None, "output-not-from-gap", when=when)
+        limit = CLASSIFIERS_AFTER_GAP.get(where, 1)
+        allowed = "reshapes, casts, dropout, softmax or log_softmax" + \
+                  {0: "", 1: " and one classifier (nn.Linear or a 1x1 conv)"}.get(limit, ", activations and classifiers")
+        pooled, classifiers = {id(self.calls[gap].out)}, 0
+        for i in range(gap + 1, len(self.calls)):
+            call = self.calls[i]
+            if i not in self.path or not any(id(t) in pooled for t in tensors_in(call)):
+                continue  # work the output does not depend on, or on another branch that joins later
+            pooled.update(id(t) for t in outputs(call))
+            if reshapes(call) or call.name in PASSIVE or (limit > 1 and call.name in ACTIVATIONS) or \
+                    not self.matters(i):
+                continue
+            require(call.name in CLASSIFIERS and limit, "after-gap", when=when, op=call.name, allowed=allowed)
+            weight = argument(call, 1, "weight")
+            k = tuple(weight.shape[-2:]) if call.name == "conv2d" and isinstance(weight, torch.Tensor) else (1, 1)
+            require(k == (1, 1), "wide-conv-after-gap", when=when, k=k[0])
+            classifiers += 1
+            require(classifiers <= limit, "classifiers-after-gap", when=when, count=classifiers, allowed=allowed)
+
+    def source_map(self, i):
+        """What the i-th call's image input is a rearrangement of (through reshapes and casts), and
+        the calls between: the map whose positions it mixes, or the vector whose entries it does."""
+        t = next(t for t in tensors_in(self.calls[i]) if id(t) in self.image)
+        chain = [i]
+        while not is_a_map(t) and id(t) in self.maker and reshapes(self.calls[self.maker[id(t)]]):
+            chain.insert(0, self.maker[id(t)])
+            t = next((s for s in tensors_in(self.calls[chain[0]]) if id(s) in self.image), None)
+            if t is None:
+                return None, []
+        return t, chain
+
+    def mixes_all(self, i, m, chain):
+        """Whether each of a few outputs of the i-th call depends on every position of the map m
+        (every entry of a vector m), found by the gradients of the call made again on m."""
+        for rows in (slice(0, 2), slice(None)):  # two images are enough, unless forward hard-codes its batch
+            source = m.detach()[rows].clone().requires_grad_()
+            try:
+                with torch.enable_grad():
+                    y = replayed(self.calls, chain, m, source)
+                break
+            except Exception:
+                continue
+        else:
+            return False
+        per = y.numel() // y.shape[0] if y.dim() and y.shape[0] == source.shape[0] else y.numel()
+        for p in sorted({0, per // 2, per - 1}):
+            g, = torch.autograd.grad(y.flatten()[p], source, retain_graph=True, allow_unused=True)
+            reach = 0 if g is None else (g.abs().sum((0, 1)) if is_a_map(m) else g.abs().reshape(len(g), -1).sum(0))
+            if g is None or not bool((reach > 0).all()):
+                return False
+        return True
+
+    def fully_connected(self):
+        """[(call, the map or vector it mixes whole)] for each call with weights of its own (a tensor
+        not computed from the input) that mixes all positions of a map, or all of a vector."""
+        found = []
+        for i, call in enumerate(self.calls):
+            weights = [t for t in tensors_in(call) if id(t) not in self.image and t.numel() > 1]
+            if not weights or reshapes(call) or call.name in DROPOUTS | {"batch_norm"} or \
+                    not any(id(t) in self.image for t in tensors_in(call)):
+                continue
+            m, chain = self.source_map(i)
+            if m is not None and self.mixes_all(i, m, chain) and self.matters(i):
+                found.append((i, m))
+        return found
 
 
 def reshapes(call):
@@ -238,185 +427,258 @@ def reshapes(call):
     or changes none of them (a cast, a copy)."""
     if call.name == "getitem":
         return isinstance(call.out, torch.Tensor) and call.out.numel() == call.args[0].numel()
-    return call.name in RESHAPES | VALUE_PRESERVING
+    return call.name in RESHAPES
 
 
-# --- the rules ------------------------------------------------------------------------------------
-
-NO_GAP = ("no global average pooling ran in forward: use nn.AdaptiveAvgPool2d(1), nn.AvgPool2d over the whole map, "
-          "F.adaptive_avg_pool2d(x, 1) or x.mean((2, 3))")
-
-
-def check_head(trace):
-    """A global average pool over a map larger than 1x1 feeds the output, and what runs between the
-    two is parameter-free (reshapes, casts, dropout, softmax / log_softmax) but for one optional
-    classifier. Before it, a fully-connected layer may only act on a pooled vector."""
-    calls, pools = trace.calls, trace.pools
-    require(pools, NO_GAP)
-    gaps = [i for i, (h, w) in pools.items() if h * w > 1]
-    require(gaps, f"the average pool maps {tuple(pools[max(pools)])} to (1, 1): it must pool a map larger than 1x1 "
-                  "(a 1x1 map padded, expanded or upsampled is still 1x1)")
-    gap = next((i for i in reversed(gaps) if trace.matters(i)), None)
-    require(gap is not None, "the output does not come from the global average pool")
-    # gap: the last pool the output comes from; what runs before it is the body of the net. There a
-    # Linear (or a matrix product) may act on a pooled vector (a squeeze-and-excitation gate, say),
-    # not on a map: flatten -> nn.Linear -> view -> pool is a fully-connected head with a pool for show.
-    for i, call in enumerate(calls[:gap]):
-        if call.name in MATRIX_PRODUCTS:
-            ins = [t for t in tensors_in(call) if id(t) in trace.image]
-            if len(ins) == 1 and id(ins[0]) not in trace.point and trace.matters(i):
-                layer = "nn.Linear" if call.name == "linear" else f"`{call.name}` (a fully-connected layer)"
-                raise Refusal(f"{layer} runs on a map before the global average pool: a fully-connected layer may "
-                              "only classify the pooled vector")
-    allowed = "reshapes, casts, dropout, softmax or log_softmax" + \
-              (" and one classifier (nn.Linear or a 1x1 conv)" if CLASSIFIER_AFTER_GAP else "")
-    pooled, classifiers = {id(calls[gap].out)}, 0
-    for i in range(gap + 1, len(calls)):
-        call = calls[i]
-        if i not in trace.path or not any(id(t) in pooled for t in tensors_in(call)):
-            continue  # work the output does not depend on, or on another branch that joins later
-        pooled.update(id(t) for t in outputs(call))
-        if reshapes(call) or call.name in OUTPUT_NORMALISERS | set(DROPOUT_TRAINS_BY_DEFAULT) or not trace.matters(i):
-            continue
-        require(call.name in CLASSIFIERS, f"`{call.name}` runs after the global average pool: only {allowed} may follow it")
-        require(CLASSIFIER_AFTER_GAP, f"`{call.name}` runs after the global average pool: these rules allow no classifier there")
-        weight = argument(call, 1, "weight")
-        kernel = tuple(weight.shape[-2:]) if call.name == "conv2d" and isinstance(weight, torch.Tensor) else (1, 1)
-        require(kernel == (1, 1), f"a {kernel[0]}x{kernel[1]} conv runs after the global average pool: only a 1x1 conv "
-                                  "or nn.Linear may classify the pooled map")
-        classifiers += 1
-        require(classifiers == 1, f"{classifiers} layers run after the global average pool: {allowed} may follow it")
+def mixed(m):
+    """What a fully-connected layer mixes whole, as its refusal says it."""
+    if is_a_map(m):
+        return f"all {m.shape[2] * m.shape[3]} positions of a {tuple(m.shape[1:])} map"
+    return f"all {m[0].numel()} values of a {tuple(m.shape[1:])} vector that no pool made"
 
 
-def check_parts(trace):
-    """BatchNorm and a dropout that drops each run in training mode, and the output depends on them."""
-    require(any(trace.calls[i].name == BATCH_NORM and trace.matters(i) for i in sorted(trace.path)),
-            "no BatchNorm ran in forward (nn.BatchNorm2d or F.batch_norm; one defined but not called, or whose "
-            "result does not change the output, does not count)")
-    require(any(drops(trace.calls[i]) and trace.matters(i) for i in sorted(trace.path)),
-            "no Dropout with p > 0 ran in forward in training mode (nn.Dropout, nn.Dropout2d, or "
-            "F.dropout(x, p, training=self.training); one whose result does not change the output does not count)")
-
-
-class _Connections(TorchFunctionMode):
-    """Forward as a wiring diagram: ReLU and its clipped kin, dropout and detach pass their input
-    through (a unit dead at initialisation still connects its inputs to the output), and every call
-    records gradients, even inside `with torch.no_grad():` (an input normalised there is still
-    the input)."""
-
-    PASS_THROUGH = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "detach", *DROPOUT_TRAINS_BY_DEFAULT}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "").strip("_") in self.PASS_THROUGH and args and isinstance(args[0], torch.Tensor):
-            return args[0]
-        with torch.enable_grad():
-            return func(*args, **(kwargs or {}))
-
-
-def blind_pixels(model):
-    """For each logit, the input pixels it does not depend on in eval mode, found by gradients of a
-    copy (with rectifiers passing everything through), not read off the layers."""
-    model = copy.deepcopy(model).eval()
-    pixels = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(SEED), requires_grad=True)
-    try:
-        with _Connections(), torch.random.fork_rng(devices=[]):
-            logits = model(pixels * 1)  # not the leaf itself: forward may change its input in place
-        grads = [torch.autograd.grad(logits[:, k].sum(), pixels, retain_graph=True, allow_unused=True)[0]
-                 for k in range(logits.shape[1])] if logits.requires_grad else [None] * logits.shape[1]
-    except RuntimeError:  # torch.inference_mode, say: no gradient reaches the input
-        grads = [None] * CLASSES
-    return [784 if g is None else int((g.abs().sum(0) == 0).sum()) for g in grads]
-
-
-def check_whole_image(model):
-    for k, blind in enumerate(blind_pixels(model)):
-        require(blind == 0, f"logit {k} ignores {blind} of the 784 input pixels: every logit must see the whole image" +
-                (" (no gradient reaches the input: don't compute the logits from .numpy(), .item() or under "
-                 "torch.inference_mode())" if blind == 784 else ""))
-
-
-def check_size(model):
-    """Counts every number the model carries, not only model.parameters(): a buffer or a tensor
-    kept on the side is as much a learned table as a weight is (measure.carried_numbers)."""
-    try:
-        carried = carried_numbers(model)
-    except Exception as e:
-        raise Unusable(f"the numbers the model carries could not be counted: forward in eval mode on 2 and 3 "
-                       f"images raised {one_line(e)}") from e
-    total = sum(carried.values())
-
-    def named(items):
-        return ", ".join(f"{name} {n:,}" for name, n in sorted(items, key=lambda item: -item[1])[:3])
-
-    # The three largest tables, and the largest of what is not a parameter: a buffer, a table kept
-    # on the side or a cache can be what tips the count, and is the easiest to miss.
-    parameters = {name for name, _ in model.named_parameters()}
-    others = named((name, n) for name, n in carried.items() if name not in parameters)
-    require(total < PARAMS_BELOW, f"{total:,} parameters and other carried numbers; the rule is fewer than "
-                                  f"{PARAMS_BELOW:,} (largest: {named(carried.items())}" +
-                                  (f"; not parameters: {others})" if others else ")"))
-    return total
-
-
-SQUEEZE_HINT = " (x.squeeze() drops the batch dimension of a single image: use x.flatten(1))"
-
-
-def check_runs(model):
-    """The model runs and returns (N, 10) for a batch of several images in training mode, and for
-    several and for one in eval mode (scoring may feed one image at a time)."""
-    for training, n in ((True, BATCH), (False, BATCH), (False, 1)):
-        mode = "training" if training else "eval"
-        images = "1 image" if n == 1 else f"{n} images"
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                out = copy.deepcopy(model).train(training)(torch.rand(n, 1, 28, 28))
-        except Exception as e:
-            raise Unusable(f"forward raised {one_line(e)} on {images} in {mode} mode" +
-                           (f", though it ran on {BATCH}{SQUEEZE_HINT}" if n == 1 else "")) from e
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        hint = SQUEEZE_HINT if n == 1 and isinstance(out, torch.Tensor) and out.numel() == CLASSES else ""
-        require(shape == (n, CLASSES), f"output {shape} for {images} in {mode} mode, expected ({n}, {CLASSES}): "
-                                       f"logits or log-probabilities{hint}", Unusable)
+def fully_connected_rule(t, where):
+    """The fully-connected layers of a trace against rules.FULLY_CONNECTED; returns how many run.
+    Where they may run after the pool, one may act on a pooled vector anywhere (squeeze-and-
+    excitation); with no pool required and none run, one may classify whatever it is given."""
+    layers, gap = t.fully_connected(), t.output_gap() if t.pools else None
+    for i, m in layers if where == "nowhere" else []:
+        what = f"it mixes {mixed(m)}" if is_a_map(m) else "on a vector"
+        raise refusal("fully-connected-nowhere", when=t.when.label, op=t.calls[i].name, what=what)
+    unpooled = [(i, m) for i, m in layers if id(m) not in t.point]
+    for n, (i, m) in enumerate(unpooled):
+        if gap is not None and i > gap or gap is None and not rules.REQUIRE_GAP and n == len(unpooled) - 1:
+            continue  # after the pool it is the head's to judge; with no pool required, the last classifies
+        raise refusal("fully-connected-on-a-map", when=t.when.label, op=t.calls[i].name, what=mixed(m),
+                      where=FC_WHERE[where])
+    return len(layers)
 
 
 def redrawn(model):
-    """A copy of model, its lazy layers built, with every weight that is random at construction
+    """A copy of model, its lazy layers built, with every parameter that is random at construction
     redrawn from a fixed seed at a fixed scale (1 / sqrt(fan-in)): the checks then give the same
-    verdict on every run, whatever weights the model was built with. Constant weights (BatchNorm's
-    ones and zeros) stay as they are."""
+    verdict on every run. Constant ones (BatchNorm's ones and zeros) and buffers stay as they are."""
     model = copy.deepcopy(model)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model.eval()(torch.zeros(2, 1, 28, 28))  # a lazy layer gets its weights here
+        try:
+            model.eval()(torch.zeros(2, 1, 28, 28))  # a lazy layer gets its weights here
+        except Exception as e:
+            raise ForwardError(Conditions("", False, 2, False, "fresh")) from e
         generator = torch.Generator().manual_seed(SEED)
-        tables = [*model.parameters(), *(b for name, b in model.named_buffers()
-                                         if name.rsplit(".", 1)[-1] not in BATCHNORM_STATISTICS)]
-        for t in tables:
+        for t in model.parameters():
             if t.is_floating_point() and t.numel() > 1 and bool(t.max() != t.min()):
                 fan_in = t.numel() // t.shape[0] if t.dim() > 1 else t.numel()  # torch's usual scale, fixed
                 t.copy_(torch.randn(t.shape, generator=generator).to(t) * fan_in ** -0.5)
     return model.train()
 
 
-def check_architecture(model):
-    """The assignment's rules on a model, judged by the torch operations its forward pass runs, in
-    training mode and in eval mode (what is scored). Returns the number of numbers it carries.
+def warmed(model):
+    """A copy of model after WARM_UP_CALLS training calls (two images each, gradients on)."""
+    model, generator = copy.deepcopy(model).train(), torch.Generator().manual_seed(SEED)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        for _ in range(WARM_UP_CALLS):
+            try:
+                model(torch.rand(2, 1, 28, 28, generator=generator))
+            except Exception as e:
+                raise ForwardError(Conditions("", True, 2, True, "fresh")) from e
+    return model
 
-    Raises Refusal (an AssertionError) with one line for any model that breaks a rule, and
-    Unusable (a Refusal) for one that cannot be trained or scored as it is; never another error."""
-    try:
-        check_runs(model)
-        model = redrawn(model)
-        training = Trace(model, training=True)
-        check_parts(training)
-        check_head(training)
+
+def in_double_precision(model, x):
+    """model(x) in eval mode, rectifiers passing through, in float64 where the model runs so (a far
+    corner pixel moves a logit by a millionth of its size), else in its own precision; and the
+    relative change that counts as one."""
+    for dtype, precision in ((torch.float64, 1e-12), (None, 1e-6)):
+        copied = copy.deepcopy(model).eval()
         try:
-            check_head(Trace(model, training=False))
-        except Refusal as e:
-            raise Refusal(f"in eval mode (what is scored): {e}") from None
-        check_whole_image(model)
-        return check_size(model)
-    except Refusal:
-        raise
-    except Exception as e:  # a model the gate cannot read: a verdict all the same, with the trace below it
-        raise Refusal(f"the gate could not check this model: {one_line(e)} (the traceback above shows where)") from e
+            with RectifiersPassThrough(), torch.random.fork_rng(devices=[]):
+                copied, x = (copied.double(), x.double()) if dtype else (copied, x)
+                return copied(x).double().nan_to_num(), precision
+        except Exception:
+            if dtype is None:
+                raise
+
+
+@torch.no_grad()
+def blind_pixels(model):
+    """For each logit, how many input pixels it does not depend on, by value, in eval mode: each
+    pixel is set alone on a blank image (and, for those that seem ignored, changed on a random one),
+    with rectifiers passing everything through (a unit dead at initialisation still connects)."""
+    blind = torch.ones(784, rules.CLASSES, dtype=torch.bool)
+    for base in (torch.zeros(1, 784), images(1, SEED + 3).flatten(1)):
+        probes = base.repeat(786, 1)
+        probes[2:].diagonal().copy_(1 - base[0])  # pixel p of image p + 2 changed; images 0 and 1 as they are
+        logits, precision = in_double_precision(model, probes.view(-1, 1, 28, 28))
+        noise = (logits[0] - logits[1]).abs().max()
+        tolerance = max(10 * noise.item(), precision * (1 + logits[0].abs().max().item()))
+        blind &= (logits[2:] - logits[0]).abs() <= tolerance
+        if not blind.any():
+            break
+    return [int(n) for n in blind.sum(0)]
+
+
+@dataclass
+class Finding:
+    rule: str          # one of RULES
+    value: str         # what this model shows, e.g. "5,288", "runs in forward", "not required", "none"
+    ok: bool
+    reason: str = ""   # the one-line refusal when not ok
+
+
+class Judgement:
+    """A model under judgement: its redrawn copy, that copy after an epoch of training calls, and
+    the traces of each condition, made when a rule first asks for them."""
+
+    def __init__(self, model):
+        self.model = redrawn(model)
+        self.warm = warmed(self.model)
+        self.traces = {}
+
+    def start(self, when):
+        if when.start != "scored":
+            return self.model if when.start == "fresh" else self.warm
+        scored = copy.deepcopy(self.model)
+        try:
+            scored.load_state_dict(self.warm.state_dict(), strict=False)
+        except RuntimeError:  # a layer that changes its shape in forward: the warm model as it is
+            return self.warm
+        return scored
+
+    def trace(self, when):
+        if when not in self.traces:
+            self.traces[when] = Trace(self.start(when), when)
+        return self.traces[when]
+
+    def each(self):
+        """The traces of every condition, in CONDITIONS' order."""
+        return [self.trace(when) for when in CONDITIONS]
+
+
+def judge_runs(judgement, model):
+    check_runs(model)
+    j = judgement()
+    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    require(not scripted, "torchscript-module", name=scripted[0] if scripted else "")
+    for t in j.each():
+        require(not t.when.grad or t.out.requires_grad, "no-gradient", when=t.when.label)
+    return "runs in forward"
+
+
+def judge_part(j, required, kind, key):
+    """A required part (BatchNorm, dropout) works in every condition where it is required."""
+    if not required:
+        return "not required"
+    for t in j.each():
+        if kind == "dropout" and not t.when.training:
+            continue
+        require(t.part_works(kind), key, when=t.when.label)
+    return "runs in forward"
+
+
+def judge_gap(j):
+    if not rules.REQUIRE_GAP:
+        return "not required"
+    for t in j.each():
+        t.check_head()
+    return "runs in forward"
+
+
+def judge_fully_connected(j):
+    where = rules.FULLY_CONNECTED
+    if where not in ("after-gap", "anywhere", "nowhere"):
+        raise ValueError(f"rules.FULLY_CONNECTED is {where!r}: it must be 'after-gap', 'anywhere' or 'nowhere'")
+    if where == "anywhere":
+        return "allowed anywhere"
+    layers = max(fully_connected_rule(t, where) for t in j.each())
+    return f"{layers} (a classifier)" if layers else "none"
+
+
+def judge_whole_image(model):
+    for k, blind in enumerate(blind_pixels(model)):
+        require(blind == 0, "blind-pixels", k=k, blind=blind)
+    return "all 784 pixels"
+
+
+def judge_size(model):
+    """Counts every number the model carries, not only model.parameters() (measure.carried_numbers)."""
+    try:
+        carried = carried_numbers(model)
+    except Exception as e:
+        raise refusal("uncountable", Unusable, error=one_line(e.__cause__ or e)) from e
+
+    def named(items):
+        return ", ".join(f"{name} {n:,}" for name, n in sorted(items, key=lambda item: -item[1])[:3])
+
+    # The largest tables, and the largest of what is not a parameter: a buffer, a table kept on the
+    # side or a cache can be what tips the count, and is the easiest to miss.
+    parameters = {name for name, _ in model.named_parameters()}
+    others = named((name, n) for name, n in carried.items() if name not in parameters)
+    total = sum(carried.values())
+    require(total < rules.PARAMS_BELOW, "too-many-numbers", total=total, limit=rules.PARAMS_BELOW,
+            largest=named(carried.items()), others=f"; not parameters: {others}" if others else "")
+    return f"{total:,}"
+
+
+def _judged(model):
+    """[(Finding, the exception behind a refusal or None)] for every rule, in RULES' order."""
+    made = []
+
+    def judgement():  # made once the model runs: building it runs forward
+        made[:] = made or [Judgement(model)]
+        return made[0]
+
+    judges = {"runs": lambda: judge_runs(judgement, model), "parameters": lambda: judge_size(model),
+              "BatchNorm": lambda: judge_part(judgement(), rules.REQUIRE_BATCHNORM, "batch_norm", "no-batchnorm"),
+              "Dropout": lambda: judge_part(judgement(), rules.REQUIRE_DROPOUT, "dropout", "no-dropout"),
+              "global average pool": lambda: judge_gap(judgement()),
+              "fully-connected": lambda: judge_fully_connected(judgement()),
+              "whole image": lambda: judge_whole_image(judgement().model)}
+    results = {}
+    for rule in CHECK_ORDER:
+        if rule != "runs" and isinstance(results["runs"][1], Unusable):
+            results[rule] = (Finding(rule, "not judged", False, "not judged: the model does not run"), None)
+            continue
+        try:
+            results[rule] = (Finding(rule, judges[rule](), True), None)
+        except Exception as e:
+            error = _as_refusal(e, rule)
+            value = "not judged" if isinstance(error, GateError) else "refused"
+            results[rule] = (Finding(rule, value, False, str(error)), error)
+    return [results[rule] for rule in RULES]
+
+
+def _as_refusal(error, rule):
+    """A refusal as it is; an error in the student's forward as Unusable, with its traceback; any
+    other error as the gate's own, named as such."""
+    if isinstance(error, Refusal):
+        return error
+    if isinstance(error, ForwardError):
+        cause, when = error.__cause__, error.when or CONDITIONS[0]
+        made = refusal("forward-raised", Unusable, error=one_line(cause), images=f"{when.batch} images",
+                       mode=when.mode, hint="")
+        made.__cause__ = cause
+        return made
+    made = refusal("gate-error", GateError, rule=rule, error=one_line(error))
+    made.__cause__ = error
+    return made
+
+
+def findings(model):
+    """Every rule judged on model, in RULES' order; never raises for a model's fault."""
+    return [finding for finding, _ in _judged(model)]
+
+
+def check_architecture(model):
+    """The course's rules on a model. Returns the number of numbers it carries.
+
+    Raises Refusal (an AssertionError) with one line for the first rule the model breaks, Unusable
+    (a Refusal) for a model that cannot be trained or scored as it is, GateError (a Refusal) when
+    the gate itself fails; never another error."""
+    judged = {finding.rule: (finding, error) for finding, error in _judged(model)}
+    for rule in CHECK_ORDER:
+        finding, error = judged[rule]
+        if error is not None:
+            raise error
+    return int(judged["parameters"][0].value.replace(",", ""))

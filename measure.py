@@ -1,17 +1,13 @@
-"""What the gate measures a model by: the torch operations one forward pass runs (torch_calls) and
-the numbers the model carries (carried_numbers). They live apart from model.py, the file a student
-edits: a count defined there could be edited to lie. checks.py reads both against rules.py.
+"""What the gate measures a model by, apart from model.py (a count defined there could be edited
+to lie): the numbers it carries (carried_numbers) and the torch calls forward makes (torch_calls).
 
-How the gate sees what forward runs (torch_calls): a TorchFunctionMode is active for one forward
-pass and records each torch function and tensor method that the model's code calls, with its
-arguments and result. A module and its functional form land on the same record: nn.Dropout calls
-F.dropout, nn.BatchNorm2d calls F.batch_norm, nn.AdaptiveAvgPool2d calls F.adaptive_avg_pool2d,
-nn.Linear calls F.linear. Only the outermost call is recorded, not what torch runs inside it.
-
-What it cannot see: work done outside torch (numpy, Python arithmetic on lists), a TorchScript
-module, a custom autograd Function's or C++ extension's insides, and branches of forward that the
-traced batch does not take.
+torch_calls records, with a TorchFunctionMode, each torch function and tensor method forward calls
+(the outermost only): nn.Dropout and F.dropout land on the same record, "dropout". A TorchScript
+function at the top of a student's file runs as the Python it was scripted from, so its calls are
+seen; work outside torch, a scripted module's insides and C++ extensions are not.
 """
+import array
+import contextlib
 import collections
 import copy
 import functools
@@ -28,42 +24,50 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 
-# By convention not parameters: BatchNorm's running statistics are computed, not learned. They
-# are let off only beside the affine weights they normalise for, one of each per channel.
+# Computed, not learned: let off for every BatchNorm whose statistics a batch_norm call in forward
+# reads (affine or not); a BatchNorm that never runs holds a table, not statistics.
 BATCHNORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def size(array):
-    """How many numbers a tensor, a numpy array or a list of Python numbers holds (a lazy layer's
-    weights before its first forward pass: none yet)."""
-    if isinstance(array, torch.Tensor):
-        return 0 if nn.parameter.is_lazy(array) else array.numel()
-    return array.size if isinstance(array, np.ndarray) else _python_numbers(array)
-
-
-def _exempt(module, name, buffer):
-    """BatchNorm's running statistics, when they sit beside affine weights of the same size."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or name not in BATCHNORM_STATISTICS:
-        return False
-    weight = getattr(module, "weight", None)
-    return weight is not None and buffer.numel() in (weight.numel(), 1)
-
-
-# Python numbers typed into model.py count as a table once a list or tuple holds this many: channel
-# widths or a mean and a std are settings, a 9,000-number list made a tensor in forward is a table.
-PYTHON_TABLE_FROM = 64
-# Where Python and installed packages live: their classes, functions and modules are not the
-# student's, and the walk does not go into them (torch's own globals are no table of the model's).
+PYTHON_TABLE_FROM = 64  # numbers in a list, tuple or dict: a mean and a std are settings, 9,000 a table
+TEXT_TABLE_FROM = 256   # characters or bytes: a name is a setting, 48,000 characters of base64 a table
+_TEXT = (str, bytes, bytearray)
+_DATA = (torch.Tensor, np.ndarray, array.array, *_TEXT, list, tuple, dict)
+# Python's and installed packages' code, and the gate's own, is not the student's: not walked.
 _LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                                 *sysconfig.get_paths().values(), site.getusersitepackages())
                        if p})
-_LIBRARY_PACKAGES = ("torch", "numpy", "torchvision")
+_LIBRARY_PACKAGES = ("torch", "numpy", "torchvision", "checks", "measure", "rules")
+
+
+def size(table):
+    """How many numbers a table stores: a float one, a complex two; integer, bool and packed dtypes
+    (an int16 holds two int8s) one per byte; text one per character; Python numbers one each."""
+    if isinstance(table, torch.Tensor):
+        kind = "c" if table.is_complex() else "f" if table.is_floating_point() else "i"
+        n, width = (0 if nn.parameter.is_lazy(table) else table.numel()), table.element_size()
+    elif isinstance(table, np.ndarray):
+        kind, n, width = table.dtype.kind, table.size, table.itemsize
+    elif isinstance(table, array.array):
+        kind, n, width = "f" if table.typecode in "fd" else "i", len(table), table.itemsize
+    else:
+        return len(table) if isinstance(table, _TEXT) else _python_numbers(table)
+    return n * {"f": 1, "c": 2}.get(kind, width)
+
+
+def _exempt(module, name, buffer, statistics):
+    """A BatchNorm's running statistics and counter, or a buffer, that a batch_norm call read."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or name not in BATCHNORM_STATISTICS:
+        return id(buffer) in statistics
+    return any(id(getattr(module, s, None)) in statistics for s in BATCHNORM_STATISTICS[:2])
 
 
 def _python_numbers(value):
-    """How many numbers a list or tuple holds, nested ones included, if it holds only numbers; else 0."""
+    """How many numbers a list, tuple or dict (values, and keys but whole-number indices) holds, if
+    only numbers; else 0."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return 1
+    if isinstance(value, dict):
+        keys = [k for k in value if not isinstance(k, int)]
+        return _python_numbers([*keys, *value.values()]) if value else 0
     if not isinstance(value, (list, tuple)):
         return 0
     total = 0
@@ -75,9 +79,15 @@ def _python_numbers(value):
     return total
 
 
+def _is_table(value):
+    if isinstance(value, (torch.Tensor, np.ndarray, array.array)):
+        return True
+    return len(value) >= TEXT_TABLE_FROM if isinstance(value, _TEXT) else _python_numbers(value) >= PYTHON_TABLE_FROM
+
+
 def _students(obj):
-    """Whether a class, function or Python module is the student's code, not Python's or a library's:
-    defined in a file outside them, or in no file at all (a notebook, a module built in memory)."""
+    """Whether a class, function or module is the student's: defined outside Python's and the
+    libraries' files, or in none (a notebook, a module built in memory)."""
     module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", None) or "")
     if module is None:
         return isinstance(obj, (type, types.FunctionType))  # a class or function made in exec or a notebook
@@ -91,15 +101,8 @@ def _students(obj):
     return path is None or not os.path.realpath(path).startswith(_LIBRARY_DIRS)
 
 
-def _contents(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # a cell not filled yet
-        return None
-
-
 def _global_names(code):
-    """The global names a function's code reads, its nested functions' and lambdas' included."""
+    """The names a function's code (nested code included) reads."""
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
@@ -111,84 +114,120 @@ def _short(name):
     return name.rsplit("<locals>.", 1)[-1]
 
 
-def _children(value, where):
+def _dunder(attr):
+    return attr.startswith("__") and attr.endswith("__")
+
+
+def _module_children(value, at, statistics):
+    for attr, p in value._parameters.items():
+        yield p, at(attr)
+    for attr, b in value._buffers.items():
+        if b is not None and not _exempt(value, attr, b, statistics):
+            yield b, at(attr)
+    for attr, m in value._modules.items():
+        yield m, at(attr)
+    for attr, v in vars(value).items():
+        if attr not in ("_parameters", "_buffers", "_modules"):
+            yield v, at(attr)
+    yield type(value), ""
+
+
+def _class_children(value):
+    """A student's class: every attribute, its student bases' too; a library's: only data (a table
+    model.py may have set on nn.Conv2d, say)."""
+    for cls in value.__mro__:
+        mine = _students(cls)
+        for attr, v in vars(cls).items():
+            if (mine and (not _dunder(attr) or attr == "__init__")) or (not _dunder(attr) and isinstance(v, _DATA)):
+                yield v, f"{_short(cls.__qualname__)}.{attr}"
+
+
+def _library_attributes(value, names, where, depth=3):
+    """The data a student's function reads from a library's module or class (`nn.Identity.BANK`):
+    the attributes its code names, `depth` dots deep."""
+    for name in names:
+        owners = value.__mro__ if isinstance(value, type) else (value,)  # read as stored: no __getattr__
+        v = next((vars(owner)[name] for owner in owners if name in vars(owner)), None)
+        if isinstance(v, _DATA) and not isinstance(v, (list, tuple, dict)) or _is_table(v):
+            yield v, f"{where}.{name}"
+        elif depth > 1 and isinstance(v, (type, types.ModuleType)) and not _students(v):
+            yield from _library_attributes(v, names, f"{where}.{name}", depth - 1)
+
+
+def _code_texts(code, doc):
+    """Text and bytes written in a function's code (nested code included), its docstring aside."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_texts(const, None)
+        elif isinstance(const, _TEXT) and const != doc:
+            yield const
+
+
+def _contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not filled yet
+        return None
+
+
+def _function_children(value, where):
+    code, defaults = value.__code__, value.__defaults__ or ()
+    positional = code.co_varnames[:code.co_argcount]
+    for name, v in [*zip(positional[len(positional) - len(defaults):], defaults), *(value.__kwdefaults__ or {}).items()]:
+        yield v, f"{where}({name}=...)"
+    yield [_contents(cell) for cell in value.__closure__ or ()], f"{where} closure"
+    yield list(_code_texts(code, value.__doc__)), f"{where} code"
+    module, names = value.__globals__.get("__name__", "?"), sorted(_global_names(code))
+    for name in names:
+        if name in value.__globals__:
+            v = value.__globals__[name]
+            yield v, f"{module}.{name}"
+            if isinstance(v, (type, types.ModuleType)) and not _students(v):
+                yield from _library_attributes(v, names, f"{module}.{name}")
+
+
+def _object_children(value, at):
+    """What any other object keeps (types.SimpleNamespace, a helper's instance), and its class."""
+    for attr, v in (getattr(value, "__dict__", None) or {}).items():
+        yield v, at(attr)
+    for attr in getattr(type(value), "__slots__", ()):
+        if isinstance(attr, str) and hasattr(value, attr):
+            yield getattr(value, attr), at(attr)
+    yield type(value), ""
+
+
+def _children(value, where, statistics):
     """(child, where) for what value holds that the walk goes on into."""
     def at(attr):
         return f"{where}.{attr}" if where else attr
 
     if isinstance(value, nn.Module):
-        for attr, p in value._parameters.items():
-            yield p, at(attr)
-        for attr, b in value._buffers.items():
-            if b is not None and not _exempt(value, attr, b):
-                yield b, at(attr)
-        for attr, m in value._modules.items():
-            yield m, at(attr)
-        for attr, v in vars(value).items():
-            if attr not in ("_parameters", "_buffers", "_modules"):
-                yield v, at(attr)
-        yield type(value), ""
-    elif isinstance(value, dict):
-        for key, v in value.items():
-            if not isinstance(key, (str, int)):
-                yield key, f"{where}[key]"
-            yield v, f"{where}[{key!r}]"
-    elif isinstance(value, (list, tuple, set, frozenset, collections.deque)):
-        for i, v in enumerate(value):
-            yield v, f"{where}[{i}]"
-    elif isinstance(value, type):
-        if _students(value):
-            for cls in value.__mro__:
-                if _students(cls):
-                    for attr, v in vars(cls).items():
-                        if not (attr.startswith("__") and attr.endswith("__")) or attr == "__init__":
-                            yield v, f"{_short(cls.__qualname__)}.{attr}"
-    elif isinstance(value, types.ModuleType):
-        if _students(value):
-            for attr, v in vars(value).items():
-                if not (attr.startswith("__") and attr.endswith("__")):
-                    yield v, f"{value.__name__}.{attr}"
-    elif isinstance(value, types.FunctionType):
-        if _students(value):
-            code, defaults = value.__code__, value.__defaults__ or ()
-            positional = code.co_varnames[:code.co_argcount]
-            for name, v in [*zip(positional[len(positional) - len(defaults):], defaults),
-                            *(value.__kwdefaults__ or {}).items()]:
-                yield v, f"{where}({name}=...)"
-            yield [_contents(cell) for cell in value.__closure__ or ()], f"{where} closure"
-            # The globals it reads: a table in a helper's own file is reachable through it.
-            module = value.__globals__.get("__name__", "?")
-            for name in sorted(_global_names(value.__code__)):
-                if name in value.__globals__:
-                    yield value.__globals__[name], f"{module}.{name}"
-    elif isinstance(value, (staticmethod, classmethod)):
-        yield value.__func__, where
-    elif isinstance(value, property):
-        for f in (value.fget, value.fset, value.fdel):
-            yield f, where
-    elif isinstance(value, types.MethodType):
-        yield value.__func__, where
-        yield value.__self__, where
-    elif isinstance(value, functools.partial):
-        yield value.func, where
-        yield value.args, f"{where} args"
-        yield value.keywords, f"{where} args"
-    elif not isinstance(value, (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)):
-        # Any other object: what it keeps (types.SimpleNamespace, a helper class's instance), and its class.
-        for attr, v in (getattr(value, "__dict__", None) or {}).items():
-            yield v, at(attr)
-        for attr in getattr(type(value), "__slots__", ()):
-            if isinstance(attr, str) and hasattr(value, attr):
-                yield getattr(value, attr), at(attr)
-        yield type(value), ""
+        return _module_children(value, at, statistics)
+    if isinstance(value, dict):
+        return ((v, f"{where}[{k!r}]") for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        return ((v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, type):
+        return _class_children(value)
+    if isinstance(value, types.ModuleType):
+        return ((v, f"{value.__name__}.{a}") for a, v in vars(value).items() if not _dunder(a)) \
+            if _students(value) else ()
+    if isinstance(value, types.FunctionType):
+        return _function_children(value, where) if _students(value) else ()
+    if isinstance(value, (staticmethod, classmethod, types.MethodType)):
+        return ((v, where) for v in (value.__func__, getattr(value, "__self__", None)))
+    if isinstance(value, property):
+        return ((f, where) for f in (value.fget, value.fset, value.fdel))
+    if isinstance(value, functools.partial):
+        return ((value.func, where), (value.args, f"{where} args"), (value.keywords, f"{where} args"))
+    if isinstance(value, (*_TEXT, int, float, complex, bool, type(None), torch.dtype, torch.device)):
+        return ()
+    return _object_children(value, at)
 
 
-def _walk(roots, seen, model=None):
-    """{where: table} of every tensor, numpy array and Python table of numbers reachable from roots,
-    breadth first, so each is named by its shortest path, and each counted once (seen: ids).
-
-    Another instance of model's class than model (another `Net()`) is set aside, not walked:
-    returned as [(where, instance)]."""
+def _walk(roots, seen, model=None, statistics=frozenset()):
+    """{where: table} reachable from roots, breadth first (each named by its shortest path, counted
+    once: seen holds ids), and [(where, instance)] of model's class other than model, not walked."""
     found, copies = {}, []
     queue = collections.deque(roots)
     while queue:
@@ -199,72 +238,58 @@ def _walk(roots, seen, model=None):
         if model is not None and type(value) is type(model) and value is not model:
             copies.append((where, value))
             continue
-        if isinstance(value, (torch.Tensor, np.ndarray)) or _python_numbers(value) >= PYTHON_TABLE_FROM:
+        if _is_table(value):
             name, n = where or "?", 1
             while name in found:  # two defaults of one function, say
                 name, n = f"{where} ({n})", n + 1
             found[name] = value
             continue
-        if isinstance(value, nn.Module):  # let off here, so that no other path to them counts them either
-            seen.update(id(b) for attr, b in value._buffers.items() if b is not None and _exempt(value, attr, b))
-        queue.extend(_children(value, where))
+        if isinstance(value, nn.Module):  # let off here: no other path counts them
+            seen.update(id(b) for attr, b in value._buffers.items()
+                        if b is not None and _exempt(value, attr, b, statistics))
+        queue.extend(_children(value, where, statistics))
     return found, copies
 
 
-def carried_tensors(model):
-    """{where: table} for every table of numbers the model carries, each once: a tensor, a numpy
-    array, or a list or tuple of at least PYTHON_TABLE_FROM Python numbers. Found by reachability:
-
-    - from the model: parameters (trainable or frozen), buffers (persistent or not), plain
-      attributes, and what they hold: containers of any kind, other objects' attributes
-      (types.SimpleNamespace, a helper class's instance), functions' defaults and closure cells (a
-      lambda kept on the model);
-    - from the classes of its modules and their base classes: class attributes and their functions'
-      defaults, closures and the globals they read;
-    - from the Python files that define those classes: every top-level name (a helper class, a
-      helper function's default, a list of numbers, an instance of a sub-block called in forward).
-
-    BatchNorm's running statistics and batch counter beside BatchNorm's own affine weights are let
-    off (BATCHNORM_STATISTICS). Another instance of the model's own class (a notebook-style
-    `model = Net()` at the top of model.py) is a copy of the model, not a table: only what it holds
-    beyond what the model holds by the same name counts.
-
-    What cannot be found: numbers loaded from a file, or computed, inside forward.
-    """
+def carried_tensors(model, statistics=frozenset()):
+    """{where: table} for every table the model carries (a tensor, numpy array, array.array, text, or
+    Python numbers), each once, found by reachability: from the model (parameters, buffers,
+    attributes, containers, objects, functions' defaults, closures and code), from its classes, the
+    files that define them and what their functions read, a library's class included. Statistics
+    that batch_norm read are let off (statistics: ids). Another `Net()` at the top of model.py is a
+    copy of the model: only what it holds beyond the model counts. Not found: numbers loaded from a
+    file or computed in forward."""
     classes = [cls for m in model.modules() for cls in type(m).__mro__ if _students(cls)]
     files = [sys.modules[cls.__module__] for cls in classes if cls.__module__ in sys.modules]
     seen = set()
     roots = [(model, ""), *((cls, "") for cls in dict.fromkeys(classes)), *((f, "") for f in dict.fromkeys(files))]
-    found, copies = _walk(roots, seen, model)
+    found, copies = _walk(roots, seen, model, statistics)
     for where, other in copies:  # last: a table both it and a global reach is the global's
         seen.discard(id(other))
-        theirs, _ = _walk([(other, "")], seen)
-        found.update({f"{where}.{name}": t for name, t in theirs.items()
-                      if name not in found or size(found[name]) != size(t)})
+        theirs, _ = _walk([(other, "")], seen, statistics=statistics)
+        own = {**{name: size(b) for name, b in model.named_buffers()}, **{name: size(t) for name, t in found.items()}}
+        found.update({f"{where}.{name}": t for name, t in theirs.items() if own.get(name) != size(t)})
     return found
 
 
 def _run_copy(model, batch):
-    """A copy of model after forward in eval mode on `batch` random images, so that what forward
-    creates or registers (a lazy layer's weights, a buffer added in forward, a cache) is there."""
+    """A copy of model after forward in eval mode on `batch` images (what forward registers is then
+    there), and the ids of the tensors its batch_norm calls read as running statistics."""
     model = copy.deepcopy(model).eval()
     device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
     x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch)).to(device)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        model(x)
-    return model
+    with torch.random.fork_rng(devices=[]):
+        calls, _ = torch_calls(model, x)
+    statistics = {id(argument(call, i, name)) for call in calls if call.name == "batch_norm"
+                  for i, name in ((1, "running_mean"), (2, "running_var"))}
+    return model, statistics
 
 
 def carried_numbers(model):
-    """{where: how many numbers} the model carries (carried_tensors), measured on copies after a
-    forward pass in eval mode.
-
-    A tensor whose size follows the batch (activations kept by forward, `self.cache = x.detach()`)
-    counts what one image adds to it, under the name "where (per image)". Such a tensor is carried
-    from call to call, so it is counted rather than let off (forward could read it as a table);
-    per image, because its size is the last batch's and the count must not depend on the batch:
-    training's last batch, the gate's 4 images and scoring's 1,000 give the same count."""
-    two, three = ({name: size(t) for name, t in carried_tensors(_run_copy(model, n)).items()} for n in (2, 3))
+    """{where: how many numbers} the model carries (carried_tensors), after forward in eval mode. A
+    tensor whose size follows the batch (`self.cache = x.detach()`) counts what one image adds, as
+    "where (per image)": carried, so counted, but the count must not depend on the batch."""
+    two, three = ({name: size(t) for name, t in carried_tensors(*_run_copy(model, n)).items()} for n in (2, 3))
     counts = {}
     for name in dict.fromkeys([*two, *three]):
         a, b = two.get(name, 0), three.get(name, 0)
@@ -276,17 +301,29 @@ def carried_numbers(model):
 
 
 def count_numbers(model):
-    """Every number the model carries (carried_numbers). The size limit counts these; train.py
-    writes this count to metrics.json, and the gate compares it with its own."""
+    """Every number the model carries: the size rule's count, and metrics.json's."""
     return sum(carried_numbers(model).values())
 
 
 class Call(NamedTuple):
-    """One torch function or tensor method that forward called, e.g. name "dropout" for F.dropout."""
+    """One torch function or tensor method forward called, e.g. name "dropout" for F.dropout."""
     name: str
     args: tuple
     kwargs: dict
     out: object
+    func: object = None  # what was called: the gate calls it again to see what it mixes or drops
+
+    def again(self, *args):
+        return self.func(*args, **self.kwargs)
+
+
+class ForwardError(Exception):
+    """An error in the model's own forward (the student's, not the gate's): __cause__ is it, with its
+    traceback; `when`, the conditions it ran under, where known."""
+
+    def __init__(self, when=None):
+        super().__init__()
+        self.when = when
 
 
 class _Recorder(TorchFunctionMode):
@@ -297,21 +334,51 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)  # the mode is off inside: what func calls is not recorded
+        call = Call(getattr(func, "__name__", str(func)).strip("_"), args, kwargs, out, func)  # a @ b: "matmul"
         if len(self.calls) in self.alter:
-            out = self.alter[len(self.calls)](out, args)
-        self.calls.append(Call(getattr(func, "__name__", str(func)).strip("_"), args, kwargs, out))  # a @ b: "matmul"
-        return out
+            call = call._replace(out=self.alter[len(self.calls)](call))
+        self.calls.append(call)
+        return call.out
 
 
-@torch.no_grad()
-def torch_calls(model, x, alter=None):
-    """Runs model(x); returns ([Call] in the order forward made them, the model's output).
+@contextlib.contextmanager
+def _torchscript_as_python(model):
+    """While recording, each @torch.jit.script function at the top of a file defining the model's
+    classes is the Python it was scripted from, whose calls the recorder sees."""
+    files = {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}
+    swapped = [(f, name, v) for f in files if _students(f) for name, v in list(vars(f).items())
+               if isinstance(v, torch.jit.ScriptFunction) and callable(getattr(v, "_torchdynamo_inline", None))]
+    for f, name, v in swapped:
+        setattr(f, name, v._torchdynamo_inline)
+    try:
+        yield
+    finally:
+        for f, name, v in swapped:
+            setattr(f, name, v)
 
-    alter: {i: f}: the i-th call's result is replaced by f(result, arguments), to see whether the
-    output depends on it (checks.py)."""
-    with _Recorder(alter) as recorder:
-        out = model(x)
+
+def torch_calls(model, x, alter=None, grad=False):
+    """([Call] in order, output) of model(x), gradients on if grad; forward's errors as ForwardError.
+    alter: {i: f}: the i-th call's result is replaced by f(call)."""
+    with torch.set_grad_enabled(grad), _torchscript_as_python(model), _Recorder(alter) as recorder:
+        try:
+            out = model(x)
+        except Exception as e:
+            raise ForwardError() from e
     return recorder.calls, out
+
+
+class RectifiersPassThrough(TorchFunctionMode):
+    """Forward as a wiring diagram: rectifiers, dropout and detach pass their input through (a unit
+    dead at initialisation still connects its inputs)."""
+
+    PASS_THROUGH = {"relu", "relu6", "hardtanh", "detach", "dropout", "dropout1d", "dropout2d", "dropout3d",
+                    "alpha_dropout", "feature_alpha_dropout"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "").strip("_") in self.PASS_THROUGH and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 def argument(call, position, name, default=None):
@@ -320,3 +387,40 @@ def argument(call, position, name, default=None):
         return call.kwargs[name]
     return call.args[position] if len(call.args) > position else default
 
+
+def tensors_in(call):
+    values = [*call.args, *call.kwargs.values()]
+    return [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, torch.Tensor)]
+
+
+def outputs(call):
+    """The tensors a call returned: one, or a tuple's (x.chunk)."""
+    out = call.out
+    return [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, torch.Tensor)]
+
+
+def feeding(calls, out):
+    """The indices of the calls the output is computed from."""
+    on_path, needed = set(), {id(out)}
+    for i in reversed(range(len(calls))):
+        if any(id(t) in needed for t in outputs(calls[i])):
+            on_path.add(i)
+            needed.update(id(t) for t in tensors_in(calls[i]))
+    return on_path
+
+
+def replayed(calls, chain, source, new_source):
+    """The last of chain's calls (indices) made again, source replaced by new_source (and so on)."""
+    new = {id(source): new_source}
+
+    def swap(v):
+        if isinstance(v, (list, tuple)):
+            return type(v)(swap(u) for u in v)
+        return new.get(id(v), v) if isinstance(v, torch.Tensor) else v
+
+    out = None
+    for i in chain:
+        call = calls[i]
+        out = call.func(*swap(call.args), **{k: swap(v) for k, v in call.kwargs.items()})
+        new.update(zip(map(id, outputs(call)), outputs(call._replace(out=out))))
+    return out
