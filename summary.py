@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import artifacts
 import rules
+import checks
 from checks import student_net
 from measure import count_numbers
 
@@ -65,7 +66,8 @@ def receptive_field_table(model, size=28):
     rows, rf, jump = [], 1, 1
     for name, m, in_shape, out in eval_leaf_calls(model, size):
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            k, p, s = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.padding, m.stride))
+            k, p, s = (int(v) if not isinstance(v, (tuple, list)) else int(v[0])
+                       for v in (m.kernel_size, m.padding, m.stride or m.kernel_size))
             d = getattr(m, "dilation", 1)
             k = (d if isinstance(d, int) else d[0]) * (k - 1) + 1
         elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
@@ -109,7 +111,7 @@ def format_tables(t):
 # so that another course's rules.py, or a student's retrained model, never leaves a stale sentence.
 BLOCK = re.compile(r"(<!-- begin (?P<name>[a-z-]+): python summary\.py --readme -->\n)(?P<body>.*?)(<!-- end (?P=name) -->)",
                    re.S)
-BLOCK_NAMES = ("title", "rules", "model", "layers", "receptive-field", "last-epochs")
+BLOCK_NAMES = ("title", "rules", "forms", "refusals", "model", "layers", "receptive-field", "last-epochs")
 HERE = Path(__file__).parent
 
 
@@ -156,6 +158,8 @@ def readme_blocks(metrics):
                   f"for {metrics['epochs']} epochs on {metrics['device']} (seed {metrics['seed']}, torch "
                   f"{metrics['torch_version']}); its last {rules.LAST_EPOCHS} epochs scored "
                   f"{', '.join(f'{a:.2f}' for a in last)} % on the test set."),
+        "forms": "\n".join(checks.FORMS),  # what the gate accepts and refuses, from its own catalogue
+        "refusals": "\n".join(checks.refusal_table()),
         "layers": f"```\n{layers}\n```",
         "receptive-field": f"```\n{fields}\n```",
         "last-epochs": last_epochs_table(history),

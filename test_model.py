@@ -22,7 +22,6 @@ that writes no report has not passed (the workflow and grade.py read the report,
 """
 import contextlib
 import functools
-import hashlib
 import importlib
 import json
 import os
@@ -33,12 +32,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from checks import Refusal, buildable, check_architecture, student_net
+import checks
+from checks import buildable, student_net
 from data import DEFAULT_DATA_DIR, DataError, load_mnist, to_float
-from artifacts import CHECKPOINT_ENTRIES, METRICS as METRICS_FILE, MODEL as MODEL_FILE, fingerprint, write_atomic
+from artifacts import CHECKPOINT_ENTRIES, sha256, METRICS as METRICS_FILE, MODEL as MODEL_FILE, fingerprint, write_atomic
 from grade import last_line, run_bounded
 from summary import publish, required
-from measure import BATCHNORM_STATISTICS, count_numbers
+from measure import BATCHNORM_STATISTICS
 from rules import (FULLY_CONNECTED, LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW, REQUIRE_BATCHNORM,
                    REQUIRE_DROPOUT, REQUIRE_GAP)
 
@@ -68,43 +68,12 @@ def new_model(net=None):
     return net()
 
 
-# checks.findings (issue 34, item 3) gives one verdict per rule; until it lands, they are read off
-# check_architecture's single verdict: the rules checked before the refused one held, the rest were
-# not reached. The rules in the order they are checked; then, for each, words only its refusals use
-# (fully-connected first: its refusals name the pool too).
-RULES_CHECKED = ["runs", "BatchNorm", "Dropout", "global average pool", "fully-connected", "whole image", "parameters"]
-REFUSAL_WORDS = {"runs": ("forward raised", "mode, expected"), "BatchNorm": ("no BatchNorm",),
-                 "Dropout": ("no Dropout",), "fully-connected": ("fully-connected", "after the global average pool"),
-                 "global average pool": ("average pool",), "whole image": ("input pixels",),
-                 "parameters": ("carried numbers", "could not be counted")}
-
-
-HOLDS = {"runs": "(N, 10)", "fully-connected": "as allowed", "whole image": "every logit"}
-
-
 def findings(model):
-    """([{rule, value, ok, reason}], the count, the refusal or None) for model; ok None: not reached."""
-    try:
-        count, refusal = check_architecture(model), None
-    except Refusal as e:
-        count, refusal = None, str(e)
-    refused = refusal and next((rule for rule, words in REFUSAL_WORDS.items() if any(w in refusal for w in words)),
-                               "architecture")
-    if count is None:
-        try:
-            count = count_numbers(model)
-        except Exception:  # a forward that does not run: the "runs" row says why
-            pass
-    rows, reached = [], refused != "architecture"
-    for rule in RULES_CHECKED:
-        ok = (rule != refused) if reached else None
-        reached = reached and rule != refused
-        value = f"{count:,}" if rule == "parameters" and count is not None else \
-            {True: HOLDS.get(rule, "yes"), False: "refused", None: "not reached"}[ok]
-        rows.append({"rule": rule, "value": value, "ok": ok, "reason": refusal if rule == refused else ""})
-    if refused == "architecture":  # no rule's words: the gate could not read the model
-        rows.append({"rule": "architecture", "value": "refused", "ok": False, "reason": refusal})
-    return rows, count, refusal
+    """([{rule, value, ok, reason}] for every rule, the count or None, the first refusal or None)."""
+    found = {f.rule: f for f in checks.findings(model)}
+    refusal = next((found[rule].reason for rule in checks.CHECK_ORDER if not found[rule].ok), None)
+    count = found["parameters"].value.replace(",", "")
+    return [vars(f) for f in found.values()], int(count) if count.isdigit() else None, refusal
 
 
 def architecture_child(net, out):
@@ -208,7 +177,7 @@ def load_checkpoint(metrics, path):
     LAST_EPOCHS epochs; the last one is the saved model. Builds no model."""
     path = Path(path)
     assert path.exists(), f"{path.name} is missing: {RETRAIN}"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256(path.read_bytes())
     assert digest == metrics["checkpoint"]["sha256"], f"{path.name} does not match metrics.json's sha256: {RETRAIN}"
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -269,8 +238,8 @@ def check_saved_size(weights, counted):
 
 @torch.no_grad()
 def predict(model, images):
-    """Logits of float images in [0, 1], as ToTensor gives, 1,000 at a time."""
-    return torch.cat([model(to_float(x) if x.dtype == torch.uint8 else x) for x in images.split(1000)])
+    """Logits of float images in [0, 1], as ToTensor gives, in the batches checks.py judges scoring at."""
+    return torch.cat([model(to_float(x) if x.dtype == torch.uint8 else x) for x in images.split(checks.SCORING_BATCH)])
 
 
 def accuracy(logits, labels):

@@ -1463,6 +1463,6 @@ def test_the_refusal_table_is_the_catalogue():
 
 def test_the_conditions_are_trainings_and_scorings():
     import train
-    from test_model import score
+    from test_model import predict
     assert checks.TRAINING_BATCH == train.BATCH_SIZE
-    assert f"batch_size={checks.SCORING_BATCH}" in inspect.getsource(score)
+    assert "images.split(checks.SCORING_BATCH)" in inspect.getsource(predict)
