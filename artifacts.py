@@ -1,5 +1,5 @@
 """The files a run leaves, and how they are written: their names, what model.pt holds, its sha256,
-and one atomic write. train.py, the plots, the README writer and the gate all use these.
+and one atomic write. train.py, the README writer, the gate and grade.py all use these.
 
 A file is replaced all at once or not at all: its new bytes go to a temporary file beside it, which
 is flushed to disk and then renamed over the old one. A run's three files are swapped in together,

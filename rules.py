@@ -1,5 +1,5 @@
 """The course's rules, in one place: the whole configuration of a course that adopts this gate.
-The gate (test_model.py), train.py, the plots, the README's generated blocks and the project's own
+The gate (test_model.py), train.py, the figures, the README's generated blocks and the project's own
 tests all read them from here. A course with other rules changes them here, and nowhere else.
 """
 PARAMS_BELOW = 8_000    # every number the model carries must be fewer than this (BatchNorm's running

@@ -1,5 +1,6 @@
-"""The tables a model and its run are shown by: the layer table, the receptive-field table, and the
-README's marked blocks, which show the rules, those two tables and the run's last epochs.
+"""How a model and its run are shown: the layer and receptive-field tables, the training curves
+(curves.png), the README's generated blocks (the rules, those tables, the run's last epochs) and
+the gate's verdict as a job summary.
 
     python summary.py            # the layer and receptive-field tables of model.py's Net
     python summary.py --readme   # README.md's marked blocks, rewritten from the committed run
@@ -7,6 +8,7 @@ README's marked blocks, which show the rules, those two tables and the run's las
 """
 import argparse
 import collections
+import io
 import json
 import os
 import re
@@ -101,6 +103,62 @@ def format_tables(t):
                           "<<>>")
     fields = format_table(["layer", "k", "p", "s", "n_in", "n_out", "j_in", "RF"], t["receptive_field"], "<>>>>>>>")
     return layers, fields
+
+
+# --- The training curves: curves.png ------------------------------------------------------------------
+
+ERROR_TICKS = [90, 50, 20, 10, 5, 2, 1, 0.5, 0.3, 0.2, 0.1]  # accuracy 10, 50, 80, ... 99.9
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; loaded when a figure is drawn, not by the gate."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def png(fig):
+    """The figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def curves_png(history, averaged=True):
+    """Loss and accuracy per epoch: the weights being trained, on the batches as they saw them
+    (dropout on), against the evaluated model, by default the weight average. Epochs trained
+    without augmentation are shaded."""
+    split = "test" if "test_accuracy" in history[0] else "val"
+    scored = f"{split} (weight average)" if averaged else split
+    epochs = [h["epoch"] for h in history]
+    clean = [h["epoch"] for h in history if not h.get("augmented", True)]
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(10, 3.8))
+    # Accuracy is drawn as its error, 100 - accuracy, on a log scale labelled in accuracy: the late
+    # epochs near the bar stand apart, and a weak model's first epochs (or dropout's 84 % in epoch 1)
+    # stay on the chart.
+    for ax, metric, value in ((ax_loss, "loss", lambda v: v), (ax_acc, "accuracy", lambda v: max(100 - v, 0.01))):
+        if clean:
+            ax.axvspan(min(clean) - 0.5, max(clean) + 0.5, color="gray", alpha=0.12, label="no augmentation")
+        ax.plot(epochs, [value(h[f"train_{metric}"]) for h in history], "o-", label="train (as trained, dropout on)")
+        ax.plot(epochs, [value(h[f"{split}_{metric}"]) for h in history], "o-", label=scored)
+    ax_loss.set(title="loss", xlabel="epoch", yscale="log")
+    ax_acc.axhline(100 - rules.MIN_ACCURACY, color="gray", linestyle="--", linewidth=1, label=f"{rules.MIN_ACCURACY:.2f}% bar")
+    ax_acc.set(title="accuracy (%), on a log scale of the error", xlabel="epoch", yscale="log")
+    ax_acc.invert_yaxis()  # higher accuracy up
+    ax_acc.yaxis.set_major_locator(FixedLocator(ERROR_TICKS))
+    ax_acc.yaxis.set_major_formatter(FuncFormatter(lambda error, _: f"{100 - error:g}"))
+    ax_acc.yaxis.set_minor_formatter(NullFormatter())
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return png(fig)
+
 
 
 # --- The README's generated blocks: `python summary.py --readme` ------------------------------------

@@ -26,9 +26,8 @@ import steps
 from checks import Refusal, Unusable, buildable, check_architecture, student_net
 from data import DEFAULT_DATA_DIR, DataError, load_mnist, to_float
 from measure import count_numbers
-from plots import curves_png
 from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW
-from summary import tables, write_readme
+from summary import curves_png, tables, write_readme
 
 # The recipe. Each is a flag below; momentum, weight decay and the augmentation's ranges are steps.py's.
 BATCH_SIZE = 128

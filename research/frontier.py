@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import StrMethodFormatter
 
 from artifacts import write_atomic
-from plots import lowest_last, png
+from research.figures import lowest_last
+from summary import png
 from research.ablate import ROWS
 from research.nets import params
 from research.seeds import spread

@@ -26,7 +26,7 @@ import time
 import artifacts
 import train
 from data import DEFAULT_DATA_DIR, DataError, load_mnist
-from plots import lowest_last
+from research.figures import lowest_last
 from research.seeds import RECORD, spread
 from rules import LAST_EPOCHS, MIN_ACCURACY
 

@@ -5,7 +5,7 @@
 
 The seeds come first; every flag but --out is train.py's (`python train.py --help`), and --seed is
 set per seed. seeds.json (no weights) and seeds.png are rewritten after each seed, so a run cut
-short keeps the seeds it finished. `python plots.py a/seeds.json b/seeds.json` draws several records.
+short keeps the seeds it finished. `python -m research.figures a/seeds.json b/seeds.json` draws several records.
 """
 import argparse
 import itertools
@@ -20,7 +20,7 @@ import artifacts
 import train
 from checks import buildable, student_net
 from data import DataError
-from plots import lowest_last, seeds_png
+from research.figures import lowest_last, seeds_png
 from rules import LAST_EPOCHS, MIN_ACCURACY
 
 RECORD, PICTURE = "seeds.json", "seeds.png"

@@ -26,7 +26,7 @@ import artifacts
 import steps
 import train
 from data import DEFAULT_DATA_DIR, DataError, augment, to_float
-from plots import lowest_last
+from research.figures import lowest_last
 from research.nets import DROPOUT, MNIST_MEAN, MNIST_STD, params
 from research.seeds import spread
 from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY

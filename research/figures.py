@@ -1,60 +1,13 @@
-"""The figures: training curves from a metrics history, and each seed's worst late epoch.
+"""The seeds figure: each seed's lowest accuracy over the last epochs, against the bar.
 
-    python plots.py seeds.json [more seeds files ...]   # redraws seeds.png from one or more records
+    python -m research.figures seeds.json [more seeds files ...]   # redraws seeds.png from records
 """
-import io
 import json
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
-
 from artifacts import write_atomic
 from rules import LAST_EPOCHS, MIN_ACCURACY as BAR  # the course's bar, set once in rules.py
-
-ERROR_TICKS = [90, 50, 20, 10, 5, 2, 1, 0.5, 0.3, 0.2, 0.1]  # accuracy 10, 50, 80, ... 99.9
-
-
-def png(fig):
-    """The figure as PNG bytes; the figure is closed."""
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def curves_png(history, averaged=True):
-    """Loss and accuracy per epoch: the weights being trained, on the batches as they saw them
-    (dropout on), against the evaluated model, by default the weight average. Epochs trained
-    without augmentation are shaded."""
-    split = "test" if "test_accuracy" in history[0] else "val"
-    scored = f"{split} (weight average)" if averaged else split
-    epochs = [h["epoch"] for h in history]
-    clean = [h["epoch"] for h in history if not h.get("augmented", True)]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    # Accuracy is drawn as its error, 100 - accuracy, on a log scale labelled in accuracy: the late
-    # epochs near the bar stand apart, and a weak model's first epochs (or dropout's 84 % in epoch 1)
-    # stay on the chart.
-    for ax, metric, value in ((ax_loss, "loss", lambda v: v), (ax_acc, "accuracy", lambda v: max(100 - v, 0.01))):
-        if clean:
-            ax.axvspan(min(clean) - 0.5, max(clean) + 0.5, color="gray", alpha=0.12, label="no augmentation")
-        ax.plot(epochs, [value(h[f"train_{metric}"]) for h in history], "o-", label="train (as trained, dropout on)")
-        ax.plot(epochs, [value(h[f"{split}_{metric}"]) for h in history], "o-", label=scored)
-    ax_loss.set(title="loss", xlabel="epoch", yscale="log")
-    ax_acc.axhline(100 - BAR, color="gray", linestyle="--", linewidth=1, label=f"{BAR:.2f}% bar")
-    ax_acc.set(title="accuracy (%), on a log scale of the error", xlabel="epoch", yscale="log")
-    ax_acc.invert_yaxis()  # higher accuracy up
-    ax_acc.yaxis.set_major_locator(FixedLocator(ERROR_TICKS))
-    ax_acc.yaxis.set_major_formatter(FuncFormatter(lambda error, _: f"{100 - error:g}"))
-    ax_acc.yaxis.set_minor_formatter(NullFormatter())
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return png(fig)
+from summary import png, pyplot
 
 
 def seeds_label(record):
@@ -74,7 +27,7 @@ def lowest_last(seed):
 def seeds_png(records):
     """One dot per seed: the lowest accuracy of its last LAST_EPOCHS epochs, against the bar. One row per
     record (a seeds.json), labelled with its device and seed count; equal values stack upwards."""
-    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.9 * len(records)))
+    fig, ax = pyplot().subplots(figsize=(8, 1.4 + 0.9 * len(records)))
     lows_all = []
     for row, record in enumerate(records):
         lows = [lowest_last(s) for s in record["seeds"]]
@@ -112,5 +65,5 @@ def main(paths):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python plots.py seeds.json [more seeds files ...]")
+        sys.exit("usage: python -m research.figures seeds.json [more seeds files ...]")
     main(sys.argv[1:])
