@@ -199,7 +199,7 @@ def last_epochs_table(history):
         rows.append(f"| {h['epoch']} | {h['lr']:.4f} | {'yes' if h['augmented'] else 'no'} | {h['train_loss']:.4f} | "
                     f"{h['train_accuracy']:.2f} | {h['test_loss']:.4f} | {accuracy} |")
     return "\n".join(rows) + (f"\n\nThe saved model is the last epoch's ({judged[-1]['test_accuracy']:.2f} %). "
-                              f"[All {len(history)} epochs](metrics.json); the curves:\n\n![training curves](curves.png)")
+                              f"[Every epoch](metrics.json); the curves:\n\n![training curves](curves.png)")
 
 
 def readme_blocks(metrics):
@@ -213,7 +213,7 @@ def readme_blocks(metrics):
         "rules": rules_table(metrics, last),
         "model": (f"The model in `model.py` carries {metrics['params']:,} numbers in "
                   f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())} layers. The committed run trained it "
-                  f"for {metrics['epochs']} epochs on {metrics['device']} (seed {metrics['seed']}, torch "
+                  f"on {metrics['device']}, epochs 1 to {metrics['epochs']} (seed {metrics['seed']}, torch "
                   f"{metrics['torch_version']}); its last {rules.LAST_EPOCHS} epochs scored "
                   f"{', '.join(f'{a:.2f}' for a in last)} % on the test set."),
         "forms": "\n".join(checks.FORMS),  # what the gate accepts and refuses, from its own catalogue

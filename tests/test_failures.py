@@ -26,7 +26,7 @@ import data
 import train
 from conftest import ROOT, RUN, train_command, train_run
 from reference import Reference
-from rules import MAX_EPOCHS
+from rules import LAST_EPOCHS, MAX_EPOCHS
 from measure import count_numbers
 from test_model import check_metrics, check_scores, load_weights, read_metrics, score
 
@@ -49,7 +49,7 @@ def test_gate_refuses_flipped_byte_in_weights(claims, tmp_path):
         load_weights(claims, tampered, Reference)
 
 
-@pytest.mark.parametrize("index", [-1, -3], ids=["final-epoch", "earlier-epoch"])
+@pytest.mark.parametrize("index", [-1, -LAST_EPOCHS], ids=["final-epoch", "earlier-epoch"])
 def test_gate_refuses_claims_the_weights_do_not_deliver(claims, run_scores, index):
     epoch = claims["history"][index]["epoch"]
     claims["history"][index]["test_accuracy"] = round(run_scores[epoch] + 0.3, 2)
@@ -58,7 +58,8 @@ def test_gate_refuses_claims_the_weights_do_not_deliver(claims, run_scores, inde
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(epochs=20, history=m["history"] + m["history"][:5]), f"the limit is {MAX_EPOCHS}"),
+    (lambda m: m.update(epochs=MAX_EPOCHS + 1, history=m["history"] + m["history"][:MAX_EPOCHS + 1 - len(m["history"])]),
+     f"the limit is {MAX_EPOCHS}"),
     (lambda m: m["history"][-2].update(test_accuracy=99.0), "each must be"),
     (lambda m: m.update(params=m["params"] - 1), "metrics.json is from another model"),
     (lambda m: m.update(test_accuracy=99.99), "last epoch"),
