@@ -1,28 +1,27 @@
-"""What the gate measures a model by, apart from model.py (a count defined there could be edited
-to lie): the numbers it carries (carried_numbers) and the torch calls forward makes (torch_calls).
+"""The carried-number counter: every number a model carries, counted by the gate's own code, not
+by model.py (a count defined there could be edited to lie). count_numbers is the size rule's count.
 
-torch_calls records, with a TorchFunctionMode, each torch function and tensor method forward calls
-(the outermost only): nn.Dropout and F.dropout land on the same record, "dropout". A TorchScript
-function at the top of a student's file runs as the Python it was scripted from, so its calls are
-seen; work outside torch, a scripted module's insides and C++ extensions are not.
+What counts is what is reachable (carried_tensors): from the model (parameters, buffers, attributes,
+containers, objects, functions' defaults, closures and code), from its classes, the files that
+define them and what their functions read, a library's class included. A table is a tensor, a
+numpy array or an array.array, text of TEXT_TABLE_FROM characters or more, or PYTHON_TABLE_FROM
+Python numbers or more; each counts once. The running statistics that a batch_norm call in forward
+reads are let off (forward is run to see which: probe.torch_calls); a tensor that grows with the
+batch counts what one image adds. Not seen: numbers loaded from a file or computed in forward, and
+what Python's and installed packages' code holds (probe.by_the_student).
 """
 import array
-import contextlib
 import collections
 import copy
 import functools
-import os
-import site
 import sys
-import sysconfig
 import types
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.overrides import TorchFunctionMode
 
+from probe import argument, by_the_student, torch_calls
 
 # Computed, not learned: let off for every BatchNorm whose statistics a batch_norm call in forward
 # reads (affine or not); a BatchNorm that never runs holds a table, not statistics.
@@ -31,11 +30,6 @@ PYTHON_TABLE_FROM = 64  # numbers in a list, tuple or dict: a mean and a std are
 TEXT_TABLE_FROM = 256   # characters or bytes: a name is a setting, 48,000 characters of base64 a table
 _TEXT = (str, bytes, bytearray)
 _DATA = (torch.Tensor, np.ndarray, array.array, *_TEXT, list, tuple, dict)
-# Python's and installed packages' code, and the gate's own, is not the student's: not walked.
-_LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                                *sysconfig.get_paths().values(), site.getusersitepackages())
-                       if p})
-_LIBRARY_PACKAGES = ("torch", "numpy", "torchvision", "checks", "measure", "rules")
 
 
 def size(table):
@@ -85,20 +79,6 @@ def _is_table(value):
     return len(value) >= TEXT_TABLE_FROM if isinstance(value, _TEXT) else _python_numbers(value) >= PYTHON_TABLE_FROM
 
 
-def _students(obj):
-    """Whether a class, function or module is the student's: defined outside Python's and the
-    libraries' files, or in none (a notebook, a module built in memory)."""
-    module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", None) or "")
-    if module is None:
-        return isinstance(obj, (type, types.FunctionType))  # a class or function made in exec or a notebook
-    name = module.__name__
-    if name in sys.builtin_module_names or name.split(".")[0] in _LIBRARY_PACKAGES:
-        return False
-    spec = getattr(module, "__spec__", None)
-    if spec is not None and spec.origin in ("built-in", "frozen"):
-        return False
-    path = getattr(module, "__file__", None)
-    return path is None or not os.path.realpath(path).startswith(_LIBRARY_DIRS)
 
 
 def _global_names(code):
@@ -136,7 +116,7 @@ def _class_children(value):
     """A student's class: every attribute, its student bases' too; a library's: only data (a table
     model.py may have set on nn.Conv2d, say)."""
     for cls in value.__mro__:
-        mine = _students(cls)
+        mine = by_the_student(cls)
         for attr, v in vars(cls).items():
             if (mine and (not _dunder(attr) or attr == "__init__")) or (not _dunder(attr) and isinstance(v, _DATA)):
                 yield v, f"{_short(cls.__qualname__)}.{attr}"
@@ -150,7 +130,7 @@ def _library_attributes(value, names, where, depth=3):
         v = next((vars(owner)[name] for owner in owners if name in vars(owner)), None)
         if isinstance(v, _DATA) and not isinstance(v, (list, tuple, dict)) or _is_table(v):
             yield v, f"{where}.{name}"
-        elif depth > 1 and isinstance(v, (type, types.ModuleType)) and not _students(v):
+        elif depth > 1 and isinstance(v, (type, types.ModuleType)) and not by_the_student(v):
             yield from _library_attributes(v, names, f"{where}.{name}", depth - 1)
 
 
@@ -182,7 +162,7 @@ def _function_children(value, where):
         if name in value.__globals__:
             v = value.__globals__[name]
             yield v, f"{module}.{name}"
-            if isinstance(v, (type, types.ModuleType)) and not _students(v):
+            if isinstance(v, (type, types.ModuleType)) and not by_the_student(v):
                 yield from _library_attributes(v, names, f"{module}.{name}")
 
 
@@ -211,9 +191,9 @@ def _children(value, where, statistics):
         return _class_children(value)
     if isinstance(value, types.ModuleType):
         return ((v, f"{value.__name__}.{a}") for a, v in vars(value).items() if not _dunder(a)) \
-            if _students(value) else ()
+            if by_the_student(value) else ()
     if isinstance(value, types.FunctionType):
-        return _function_children(value, where) if _students(value) else ()
+        return _function_children(value, where) if by_the_student(value) else ()
     if isinstance(value, (staticmethod, classmethod, types.MethodType)):
         return ((v, where) for v in (value.__func__, getattr(value, "__self__", None)))
     if isinstance(value, property):
@@ -259,7 +239,7 @@ def carried_tensors(model, statistics=frozenset()):
     that batch_norm read are let off (statistics: ids). Another `Net()` at the top of model.py is a
     copy of the model: only what it holds beyond the model counts. Not found: numbers loaded from a
     file or computed in forward."""
-    classes = [cls for m in model.modules() for cls in type(m).__mro__ if _students(cls)]
+    classes = [cls for m in model.modules() for cls in type(m).__mro__ if by_the_student(cls)]
     files = [sys.modules[cls.__module__] for cls in classes if cls.__module__ in sys.modules]
     seen = set()
     roots = [(model, ""), *((cls, "") for cls in dict.fromkeys(classes)), *((f, "") for f in dict.fromkeys(files))]
@@ -304,123 +284,3 @@ def count_numbers(model):
     """Every number the model carries: the size rule's count, and metrics.json's."""
     return sum(carried_numbers(model).values())
 
-
-class Call(NamedTuple):
-    """One torch function or tensor method forward called, e.g. name "dropout" for F.dropout."""
-    name: str
-    args: tuple
-    kwargs: dict
-    out: object
-    func: object = None  # what was called: the gate calls it again to see what it mixes or drops
-
-    def again(self, *args):
-        return self.func(*args, **self.kwargs)
-
-
-class ForwardError(Exception):
-    """An error in the model's own forward (the student's, not the gate's): __cause__ is it, with its
-    traceback; `when`, the conditions it ran under, where known."""
-
-    def __init__(self, when=None):
-        super().__init__()
-        self.when = when
-
-
-class _Recorder(TorchFunctionMode):
-    def __init__(self, alter=None):
-        super().__init__()
-        self.calls, self.alter = [], alter or {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)  # the mode is off inside: what func calls is not recorded
-        call = Call(getattr(func, "__name__", str(func)).strip("_"), args, kwargs, out, func)  # a @ b: "matmul"
-        if len(self.calls) in self.alter:
-            call = call._replace(out=self.alter[len(self.calls)](call))
-        self.calls.append(call)
-        return call.out
-
-
-@contextlib.contextmanager
-def _torchscript_as_python(model):
-    """While recording, each @torch.jit.script function at the top of a file defining the model's
-    classes is the Python it was scripted from, whose calls the recorder sees."""
-    files = {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}
-    swapped = [(f, name, v) for f in files if _students(f) for name, v in list(vars(f).items())
-               if isinstance(v, torch.jit.ScriptFunction) and callable(getattr(v, "_torchdynamo_inline", None))]
-    for f, name, v in swapped:
-        setattr(f, name, v._torchdynamo_inline)
-    try:
-        yield
-    finally:
-        for f, name, v in swapped:
-            setattr(f, name, v)
-
-
-def torch_calls(model, x, alter=None, grad=False):
-    """([Call] in order, output) of model(x), gradients on if grad; forward's errors as ForwardError.
-    alter: {i: f}: the i-th call's result is replaced by f(call)."""
-    with torch.set_grad_enabled(grad), _torchscript_as_python(model), _Recorder(alter) as recorder:
-        try:
-            out = model(x)
-        except Exception as e:
-            raise ForwardError() from e
-    return recorder.calls, out
-
-
-class RectifiersPassThrough(TorchFunctionMode):
-    """Forward as a wiring diagram: rectifiers, dropout and detach pass their input through (a unit
-    dead at initialisation still connects its inputs)."""
-
-    PASS_THROUGH = {"relu", "relu6", "hardtanh", "detach", "dropout", "dropout1d", "dropout2d", "dropout3d",
-                    "alpha_dropout", "feature_alpha_dropout"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "").strip("_") in self.PASS_THROUGH and args and isinstance(args[0], torch.Tensor):
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
-def argument(call, position, name, default=None):
-    """An argument of a recorded call, whether it was passed by position or by name."""
-    if name in call.kwargs:
-        return call.kwargs[name]
-    return call.args[position] if len(call.args) > position else default
-
-
-def tensors_in(call):
-    values = [*call.args, *call.kwargs.values()]
-    return [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, torch.Tensor)]
-
-
-def outputs(call):
-    """The tensors a call returned: one, or a tuple's (x.chunk)."""
-    out = call.out
-    return [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, torch.Tensor)]
-
-
-def feeding(calls, out):
-    """The indices of the calls the output is computed from."""
-    on_path, needed = set(), {id(out)}
-    for i in reversed(range(len(calls))):
-        if any(id(t) in needed for t in outputs(calls[i])):
-            on_path.add(i)
-            needed.update(id(t) for t in tensors_in(calls[i]))
-    return on_path
-
-
-def replayed(calls, chain, source, new_source):
-    """The last of chain's calls (indices) made again, source replaced by new_source (and so on)."""
-    new = {id(source): new_source}
-
-    def swap(v):
-        if isinstance(v, (list, tuple)):
-            return type(v)(swap(u) for u in v)
-        return new.get(id(v), v) if isinstance(v, torch.Tensor) else v
-
-    out = None
-    for i in chain:
-        call = calls[i]
-        out = call.func(*swap(call.args), **{k: swap(v) for k, v in call.kwargs.items()})
-        new.update(zip(map(id, outputs(call)), outputs(call._replace(out=out))))
-    return out

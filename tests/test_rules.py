@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import checks
 import rules
+import traces
 from checks import check_architecture
 from measure import count_numbers
 
@@ -823,7 +824,7 @@ def test_the_pixel_check_gives_the_same_answer_on_every_run():
     answers = set()
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
-        answers.add(tuple(checks.blind_pixels(checks.redrawn(MaxPoolInEval()))))
+        answers.add(tuple(traces.blind_pixels(traces.redrawn(MaxPoolInEval()))))
     assert len(answers) == 1
 
 
