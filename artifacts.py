@@ -17,7 +17,7 @@ MODEL, METRICS, CURVES = "model.pt", "metrics.json", "curves.png"
 SUBMITTED = ("model.py", MODEL, METRICS)  # all that grade.py takes from a student's submission
 # The files that judge: the gate, what it imports, and the grader. Their sha256 together, the gate
 # fingerprint, is in the gate's job summary and in grade.py's output, so a changed gate shows.
-GATE_FILES = ("test_model.py", "checks.py", "probe.py", "traces.py", "measure.py", "rules.py", "data.py",
+GATE_FILES = ("test_model.py", "checks.py", "traces.py", "measure.py", "rules.py", "data.py",
               "artifacts.py", "summary.py", "pyproject.toml", "grade.py")
 # What model.pt holds: the final weights, the weights of each of the last epochs (which the gate
 # re-scores), and the run's flags.

@@ -15,8 +15,9 @@ import torch
 
 import rules
 from measure import carried_numbers
-from probe import Conditions, ForwardError, argument, outputs, tensors_in
-from traces import DROPOUTS, WARM_UP_CALLS, Trace, blind_pixels, is_a_map, redrawn, reshapes, warmed
+from measure import ForwardError, argument
+from traces import (DROPOUTS, WARM_UP_CALLS, Conditions, Trace, blind_pixels, is_a_map, outputs, redrawn, reshapes,
+                    tensors_in, warmed)
 
 # --- the catalogue: every refusal, as the student reads it, and its fix ------------------------------
 REFUSALS = {

@@ -1,27 +1,137 @@
-"""The carried-number counter: every number a model carries, counted by the gate's own code, not
-by model.py (a count defined there could be edited to lie). count_numbers is the size rule's count.
+"""What the gate measures a model by: the torch calls its forward makes (torch_calls, the op
+recorder) and the numbers it carries (count_numbers, the counter). Both are the gate's own code, not
+model.py's: a count defined there could be edited to lie. checks.py reads them against rules.py.
 
-What counts is what is reachable (carried_tensors): from the model (parameters, buffers, attributes,
-containers, objects, functions' defaults, closures and code), from its classes, the files that
-define them and what their functions read, a library's class included. A table is a tensor, a
-numpy array or an array.array, text of TEXT_TABLE_FROM characters or more, or PYTHON_TABLE_FROM
-Python numbers or more; each counts once. The running statistics that a batch_norm call in forward
-reads are let off (forward is run to see which: probe.torch_calls); a tensor that grows with the
-batch counts what one image adds. Not seen: numbers loaded from a file or computed in forward, and
-what Python's and installed packages' code holds (probe.by_the_student).
+The recorder: a TorchFunctionMode records each torch function and tensor method forward calls (the
+outermost only): nn.Dropout and F.dropout land on the same record, "dropout". A TorchScript function
+at the top of a student's file runs as the Python it was scripted from, so its calls are seen; work
+outside torch, a scripted module's insides and C++ extensions are not. An error in forward comes
+back as ForwardError.
+
+The counter counts what is reachable (carried_tensors): from the model (parameters, buffers,
+attributes, containers, objects, functions' defaults, closures and code), from its classes, the
+files that define them and what their functions read, a library's class included. A table is a
+tensor, a numpy array or an array.array, text of TEXT_TABLE_FROM characters or more, or
+PYTHON_TABLE_FROM Python numbers or more; each counts once. The running statistics that a
+batch_norm call in forward reads are let off (forward is run to see which); a tensor that grows
+with the batch counts what one image adds. Not seen: numbers loaded from a file or computed in
+forward, and what Python's and installed packages' code holds (by_the_student).
 """
 import array
 import collections
+import contextlib
 import copy
 import functools
+import os
+import site
 import sys
+import sysconfig
 import types
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
-from probe import argument, by_the_student, torch_calls
+# --- the op recorder ---------------------------------------------------------------------------------
+
+# Python's and installed packages' code, and the gate's own, is not the student's: measure.py does not
+# walk it, and its TorchScript is left as it is.
+_LIBRARY_DIRS = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                                *sysconfig.get_paths().values(), site.getusersitepackages())
+                       if p})
+_LIBRARY_PACKAGES = ("torch", "numpy", "torchvision", "checks", "measure", "traces", "rules")
+
+
+def by_the_student(obj):
+    """Whether a class, function or module is the student's: defined outside Python's and the
+    libraries' files, or in none (a notebook, a module built in memory)."""
+    module = obj if isinstance(obj, types.ModuleType) else sys.modules.get(getattr(obj, "__module__", None) or "")
+    if module is None:
+        return isinstance(obj, (type, types.FunctionType))  # a class or function made in exec or a notebook
+    name = module.__name__
+    if name in sys.builtin_module_names or name.split(".")[0] in _LIBRARY_PACKAGES:
+        return False
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.origin in ("built-in", "frozen"):
+        return False
+    path = getattr(module, "__file__", None)
+    return path is None or not os.path.realpath(path).startswith(_LIBRARY_DIRS)
+
+
+class Call(NamedTuple):
+    """One torch function or tensor method forward called, e.g. name "dropout" for F.dropout."""
+    name: str
+    args: tuple
+    kwargs: dict
+    out: object
+    func: object = None  # what was called: the gate calls it again to see what it mixes or drops
+
+    def again(self, *args):
+        return self.func(*args, **self.kwargs)
+
+
+class ForwardError(Exception):
+    """An error in the model's own forward (the student's, not the gate's): __cause__ is it, with its
+    traceback; `when`, the conditions it ran under, where known."""
+
+    def __init__(self, when=None):
+        super().__init__()
+        self.when = when
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, alter=None):
+        super().__init__()
+        self.calls, self.alter = [], alter or {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # the mode is off inside: what func calls is not recorded
+        call = Call(getattr(func, "__name__", str(func)).strip("_"), args, kwargs, out, func)  # a @ b: "matmul"
+        if len(self.calls) in self.alter:
+            call = call._replace(out=self.alter[len(self.calls)](call))
+        self.calls.append(call)
+        return call.out
+
+
+@contextlib.contextmanager
+def _torchscript_as_python(model):
+    """While recording, each @torch.jit.script function at the top of a file defining the model's
+    classes is the Python it was scripted from, whose calls the recorder sees."""
+    files = {sys.modules.get(type(m).__module__) for m in model.modules()} - {None}
+    swapped = [(f, name, v) for f in files if by_the_student(f) for name, v in list(vars(f).items())
+               if isinstance(v, torch.jit.ScriptFunction) and callable(getattr(v, "_torchdynamo_inline", None))]
+    for f, name, v in swapped:
+        setattr(f, name, v._torchdynamo_inline)
+    try:
+        yield
+    finally:
+        for f, name, v in swapped:
+            setattr(f, name, v)
+
+
+def torch_calls(model, x, alter=None, grad=False):
+    """([Call] in order, output) of model(x), gradients on if grad; forward's errors as ForwardError.
+    alter: {i: f}: the i-th call's result is replaced by f(call)."""
+    with torch.set_grad_enabled(grad), _torchscript_as_python(model), _Recorder(alter) as recorder:
+        try:
+            out = model(x)
+        except Exception as e:
+            raise ForwardError() from e
+    return recorder.calls, out
+
+
+def argument(call, position, name, default=None):
+    """An argument of a recorded call, whether it was passed by position or by name."""
+    if name in call.kwargs:
+        return call.kwargs[name]
+    return call.args[position] if len(call.args) > position else default
+
+
+
+# --- the counter -------------------------------------------------------------------------------------
 
 # Computed, not learned: let off for every BatchNorm whose statistics a batch_norm call in forward
 # reads (affine or not); a BatchNorm that never runs holds a table, not statistics.

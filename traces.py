@@ -1,18 +1,19 @@
 """What depends on what, by value: the gate's probes of a model's forward.
 
-A Trace is one forward recorded (probe.torch_calls) under given Conditions, and what it shows:
+A Trace is one forward recorded (measure.torch_calls) under given Conditions, and what it shows:
 which tensors are computed from the image, which calls average a map over all its positions, and,
 by running forward again with one call's result changed, whether the output depends on that call.
 The probes run on a copy of the model whose parameters are redrawn from a fixed seed (redrawn), so
 every run gives the same answer; blind_pixels asks which input pixels each logit depends on.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import rules
-from probe import (Conditions, ForwardError, RectifiersPassThrough, feeding, outputs, replayed, tensors_in,
-                   torch_calls)
+from measure import ForwardError, torch_calls
 
 WARM_UP_CALLS = 469   # one epoch of 60,000 images at 128: a forward that changes after N calls shows
 SEED = 0
@@ -20,6 +21,72 @@ RESHAPES = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "tr
             "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "cuda"}  # change no value
 DROPOUTS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"}
 AVERAGES = {"mean", "adaptive_avg_pool2d", "adaptive_avg_pool1d", "avg_pool2d", "avg_pool1d"}
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """How forward is run: the mode, the batch, gradients on or off, and which state of the model."""
+    label: str      # how a refusal under them starts ("" for the first training call)
+    training: bool
+    batch: int
+    grad: bool
+    start: str      # "fresh": the model as built; "warm": after WARM_UP_CALLS training calls; "scored":
+                    # a fresh model holding the warm one's state, as the gate loads a checkpoint
+
+    @property
+    def mode(self):
+        return "training" if self.training else "eval"
+
+
+class RectifiersPassThrough(TorchFunctionMode):
+    """Forward as a wiring diagram: rectifiers, dropout and detach pass their input through (a unit
+    dead at initialisation still connects its inputs)."""
+
+    PASS_THROUGH = {"relu", "relu6", "hardtanh", "detach", "dropout", "dropout1d", "dropout2d", "dropout3d",
+                    "alpha_dropout", "feature_alpha_dropout"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "").strip("_") in self.PASS_THROUGH and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def tensors_in(call):
+    values = [*call.args, *call.kwargs.values()]
+    return [t for v in values for t in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(t, torch.Tensor)]
+
+
+def outputs(call):
+    """The tensors a call returned: one, or a tuple's (x.chunk)."""
+    out = call.out
+    return [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, torch.Tensor)]
+
+
+def feeding(calls, out):
+    """The indices of the calls the output is computed from."""
+    on_path, needed = set(), {id(out)}
+    for i in reversed(range(len(calls))):
+        if any(id(t) in needed for t in outputs(calls[i])):
+            on_path.add(i)
+            needed.update(id(t) for t in tensors_in(calls[i]))
+    return on_path
+
+
+def replayed(calls, chain, source, new_source):
+    """The last of chain's calls (indices) made again, source replaced by new_source (and so on)."""
+    new = {id(source): new_source}
+
+    def swap(v):
+        if isinstance(v, (list, tuple)):
+            return type(v)(swap(u) for u in v)
+        return new.get(id(v), v) if isinstance(v, torch.Tensor) else v
+
+    out = None
+    for i in chain:
+        call = calls[i]
+        out = call.func(*swap(call.args), **{k: swap(v) for k, v in call.kwargs.items()})
+        new.update(zip(map(id, outputs(call)), outputs(call._replace(out=out))))
+    return out
 
 
 def images(n, seed=SEED):
