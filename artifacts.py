@@ -12,6 +12,9 @@ import json
 import os
 import signal
 import tempfile
+from pathlib import Path
+
+import rules
 
 MODEL, METRICS, CURVES = "model.pt", "metrics.json", "curves.png"
 SUBMITTED = ("model.py", MODEL, METRICS)  # all that grade.py takes from a student's submission
@@ -115,3 +118,73 @@ def save_set(files):
                 os.remove(tmp)
     if held:
         raise StoppedAfterSaving(f"stopped by signal {held[0]} after the files were saved")
+
+
+# --- Reading a run back: what the gate checks before it scores anything --------------------------
+# A broken, missing or stale file fails with one line that names the file and the fix.
+RETRAIN = ("run `python train.py` (3 to 5 minutes on a laptop CPU) and commit model.pt, metrics.json and "
+           "curves.png")
+
+
+def whole(value):
+    """A JSON integer (true and false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def percent(value):
+    """A JSON number from 0 to 100 (NaN and infinity are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
+
+
+def read_metrics(path):
+    """metrics.json of a test-set run, checked for every field the gate reads, so that a broken file
+    (or one from a --holdout run) fails every test with one message that names the file and the fix."""
+    path = Path(path)
+    assert path.exists(), f"{path.name} is missing: {RETRAIN}"
+    try:
+        metrics = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AssertionError(f"{path.name} is not valid JSON ({e}): {RETRAIN}") from None
+    assert isinstance(metrics, dict), f"{path.name} holds a {type(metrics).__name__}, not a JSON object: {RETRAIN}"
+    assert metrics.get("eval_split") == "test", \
+        f"{path.name} is not from a test-set run (eval_split {metrics.get('eval_split')!r}, e.g. from --holdout): {RETRAIN}"
+    fields = {"epochs": whole, "params": whole, "test_accuracy": percent,
+              "history": lambda v: isinstance(v, list) and v, "checkpoint": lambda v: isinstance(v, dict)}
+    for field, valid in fields.items():
+        assert valid(metrics.get(field)), f"{path.name} has no valid {field!r} field: {RETRAIN}"
+    assert all(
+        isinstance(h, dict) and whole(h.get("epoch")) and percent(h.get("test_accuracy")) for h in metrics["history"]), \
+        f"{path.name}: each 'history' entry needs an 'epoch' and a 'test_accuracy' from 0 to 100: {RETRAIN}"
+    assert isinstance(metrics["checkpoint"].get("sha256"), str), \
+        f"{path.name} has no 'checkpoint': {{'sha256': ...}} for model.pt: {RETRAIN}"
+    return metrics
+
+
+def load_checkpoint(metrics, path):
+    """sha256 against metrics.json, then a safe load (tensors only): {epoch: weights} of the last
+    LAST_EPOCHS epochs; the last one is the saved model. Builds no model."""
+    import torch  # here, not above: grade.py reads this file's names without loading torch
+
+    path = Path(path)
+    assert path.exists(), f"{path.name} is missing: {RETRAIN}"
+    digest = sha256(path.read_bytes())
+    assert digest == metrics["checkpoint"]["sha256"], f"{path.name} does not match metrics.json's sha256: {RETRAIN}"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty, truncated, not a torch file, or pickled code
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise AssertionError(f"{path.name} could not be loaded ({type(e).__name__}: {reason}): {RETRAIN}") from None
+    for entry, kind in CHECKPOINT_ENTRIES.items():
+        assert isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), kind), \
+            f"{path.name} has no {entry!r} entry of type {kind.__name__}: {RETRAIN}"
+    epochs = [h["epoch"] for h in metrics["history"][-rules.LAST_EPOCHS:]]
+    kept = checkpoint["last_epochs"]
+    assert all(isinstance(e, int) and isinstance(weights, dict) for e, weights in kept.items()), \
+        f"{path.name}: 'last_epochs' must map epoch numbers to weights: {RETRAIN}"
+    assert all(e in kept for e in epochs), \
+        f"{path.name} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: {RETRAIN}"
+    final = kept[epochs[-1]]
+    assert checkpoint["model"].keys() == final.keys() and all(
+        isinstance(final[k], torch.Tensor) and torch.equal(checkpoint["model"][k], final[k]) for k in final), \
+        f"{path.name}: the saved model is not the last epoch's weights: {RETRAIN}"
+    return {epoch: kept[epoch] for epoch in epochs}

@@ -1,21 +1,17 @@
-"""How the gate judges a model against the course's rules (rules.py). test_model.py applies
-check_architecture to model.py's Net; train.py applies it before the first epoch; findings() gives
-every rule's verdict for the job summary. Every refusal a student can read is in REFUSALS below.
-
-The model is judged by value, under the conditions that matter: training (train mode, gradients
-on, the training batch, on its first call and after an epoch of calls) and scoring (eval mode, no
-gradients, the gate's scoring batch, the trained state loaded into a fresh model). A part counts
-when its input varies with the image and the output changes with what it does. Only parameters
-are redrawn (from a fixed seed, so every run gives the same verdict); buffers stay as held.
-"""
+"""How the gate judges a model against the course's rules (rules.py): check_architecture (the gate,
+and train.py before its first epoch), findings (every rule's verdict, for the job summary), and
+every refusal a student can read, in REFUSALS. A model is judged by value under the conditions of
+training (train mode, gradients on, the training batch, first call and after an epoch of calls) and
+of scoring (eval mode, no gradients, the scoring batch, the trained state in a fresh model): a part
+counts when its input varies with the image and the output changes with what it does. Only
+parameters are redrawn, from a fixed seed; buffers stay as held."""
 import copy
 from dataclasses import dataclass
 
 import torch
 
 import rules
-from measure import carried_numbers
-from measure import ForwardError, argument
+from measure import ForwardError, argument, carried_numbers
 from traces import (DROPOUTS, WARM_UP_CALLS, Conditions, Trace, blind_pixels, is_a_map, outputs, redrawn, reshapes,
                     tensors_in, warmed)
 
@@ -103,13 +99,11 @@ def refusal_table():
 
 
 class Refusal(AssertionError):
-    """The gate's verdict on a model that breaks a rule: one line that says what to do. An
-    AssertionError, as pytest reports a failed check; raised, not asserted, so `python -O` keeps it."""
+    """A rule broken, in one line that says what to do (raised, not asserted: `python -O` keeps it)."""
 
 
 class Unusable(Refusal):
-    """A model that cannot be trained, counted or scored as it is (forward raises, or the output is
-    not (N, 10) for every N): train.py stops on it before the first epoch."""
+    """A model that cannot be trained or scored as it is: train.py stops on it before the first epoch."""
 
 
 class GateError(Refusal):
@@ -132,8 +126,7 @@ def one_line(error):
 
 
 def buildable(cls):
-    """None if cls() can be called with no arguments, else a one-line reason. train.py and the gate
-    build model.py's Net() so; an error raised inside Net.__init__ is the student's, with its traceback."""
+    """None if cls() can be called with no arguments (as train.py and the gate build it), else why."""
     import inspect
     try:
         inspect.signature(cls).bind()
@@ -151,8 +144,7 @@ def student_net():
 
 
 def check_runs(model):
-    """The model runs and returns (N, 10) for a batch of several images in training mode, and for
-    several and for one in eval mode (scoring may feed one image at a time)."""
+    """(N, 10) out for several images in training mode, and for several and one in eval mode."""
     for training, n in ((True, 4), (False, 4), (False, 1)):
         fields = dict(images="1 image" if n == 1 else f"{n} images", mode="training" if training else "eval")
         try:
@@ -165,6 +157,20 @@ def check_runs(model):
         hint = SQUEEZE_HINT if n == 1 and isinstance(out, torch.Tensor) and out.numel() == rules.CLASSES else ""
         require(shape == (n, rules.CLASSES), "output-shape", Unusable, shape=shape, n=n, classes=rules.CLASSES,
                 hint=hint, **fields)
+
+
+def shortfall(accuracies):
+    """Why a run's test accuracy per epoch misses the bar, in one line, or None: the rule on a run
+    that train.py's verdict and the gate's check of metrics.json both apply."""
+    n, last = len(accuracies), rules.LAST_EPOCHS
+    if n > rules.MAX_EPOCHS:
+        return f"the run has {n} epochs; the rule allows at most {rules.MAX_EPOCHS}"
+    if n < last:
+        return f"the run holds {n} epoch{'s' * (n != 1)}; the rule judges the last {last}"
+    low = [f"{e} ({a:.2f})" for e, a in enumerate(accuracies[-last:], n - last + 1) if a < rules.MIN_ACCURACY]
+    if low:
+        return f"epoch{'s' * (len(low) > 1)} {', '.join(low)} below {rules.MIN_ACCURACY:.2f}, in the last {last}"
+    return None
 
 
 # --- the conditions a model is judged under, and the rules on its head ----------------------------
@@ -383,14 +389,9 @@ def findings(model):
 
 
 def check_architecture(model):
-    """The course's rules on a model. Returns the number of numbers it carries.
-
-    Raises Refusal (an AssertionError) with one line for the first rule the model breaks, Unusable
-    (a Refusal) for a model that cannot be trained or scored as it is, GateError (a Refusal) when
-    the gate itself fails; never another error."""
+    """The numbers model carries, if it meets the rules. Raises the first rule's Refusal it breaks
+    (Unusable: it cannot be trained or scored; GateError: the gate itself failed), never another error."""
     judged = {finding.rule: (finding, error) for finding, error in _judged(model)}
-    for rule in CHECK_ORDER:
-        finding, error = judged[rule]
-        if error is not None:
-            raise error
+    if error := next((judged[rule][1] for rule in CHECK_ORDER if judged[rule][1] is not None), None):
+        raise error
     return int(judged["parameters"][0].value.replace(",", ""))

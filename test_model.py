@@ -35,12 +35,11 @@ import torch
 import checks
 from checks import buildable, student_net
 from data import DEFAULT_DATA_DIR, DataError, load_mnist, to_float
-from artifacts import CHECKPOINT_ENTRIES, sha256, METRICS as METRICS_FILE, MODEL as MODEL_FILE, fingerprint, write_atomic
+from artifacts import RETRAIN, load_checkpoint, read_metrics, METRICS as METRICS_FILE, MODEL as MODEL_FILE, fingerprint, write_atomic
 from grade import last_line, run_bounded
 from summary import publish, required
 from measure import BATCHNORM_STATISTICS
-from rules import (FULLY_CONNECTED, LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW, REQUIRE_BATCHNORM,
-                   REQUIRE_DROPOUT, REQUIRE_GAP)
+from rules import MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW
 
 CLAIM_TOLERANCE = 0.02   # points (2 test images) between a claim and the CPU re-score: GPU kernels round differently
 CHILD_TIMEOUT_S = float(os.environ.get("GATE_CHILD_TIMEOUT", 600))  # per child; grade.py bounds the whole gate
@@ -48,8 +47,6 @@ CHILD_TIMEOUT_S = float(os.environ.get("GATE_CHILD_TIMEOUT", 600))  # per child;
 ROOT = Path(__file__).parent
 METRICS, WEIGHTS = ROOT / METRICS_FILE, ROOT / MODEL_FILE
 MODEL = ("model", "Net")  # the student's Net: model.py beside this file
-RETRAIN = ("run `python train.py` (3 to 5 minutes on a laptop CPU) and commit model.pt, metrics.json and "
-           "curves.png")
 GATE_TESTS = ("test_architecture", "test_committed_run")  # the verdict needs every one of them
 
 
@@ -167,37 +164,8 @@ def check_metrics(metrics, params):
         f"metrics.json's history holds epochs {numbers[0]} to {numbers[-1]}, not 1 to {len(history)}: a run's " \
         f"history starts at its first epoch: {RETRAIN}"
     assert metrics["test_accuracy"] == history[-1]["test_accuracy"], "test_accuracy is not the last epoch's"
-    last = [h["test_accuracy"] for h in history[-LAST_EPOCHS:]]
-    assert len(last) == LAST_EPOCHS and min(last) >= MIN_ACCURACY, \
-        f"last {LAST_EPOCHS} epochs {last}: each must be >= {MIN_ACCURACY}"
-
-
-def load_checkpoint(metrics, path):
-    """sha256 against metrics.json, then a safe load (tensors only): {epoch: weights} of the last
-    LAST_EPOCHS epochs; the last one is the saved model. Builds no model."""
-    path = Path(path)
-    assert path.exists(), f"{path.name} is missing: {RETRAIN}"
-    digest = sha256(path.read_bytes())
-    assert digest == metrics["checkpoint"]["sha256"], f"{path.name} does not match metrics.json's sha256: {RETRAIN}"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # empty, truncated, not a torch file, or pickled code
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise AssertionError(f"{path.name} could not be loaded ({type(e).__name__}: {reason}): {RETRAIN}") from None
-    for entry, kind in CHECKPOINT_ENTRIES.items():
-        assert isinstance(checkpoint, dict) and isinstance(checkpoint.get(entry), kind), \
-            f"{path.name} has no {entry!r} entry of type {kind.__name__}: {RETRAIN}"
-    epochs = [h["epoch"] for h in metrics["history"][-LAST_EPOCHS:]]
-    kept = checkpoint["last_epochs"]
-    assert all(isinstance(e, int) and isinstance(weights, dict) for e, weights in kept.items()), \
-        f"{path.name}: 'last_epochs' must map epoch numbers to weights: {RETRAIN}"
-    assert all(e in kept for e in epochs), \
-        f"{path.name} keeps the weights of epochs {sorted(kept)}, the gate re-scores {epochs}: {RETRAIN}"
-    final = kept[epochs[-1]]
-    assert checkpoint["model"].keys() == final.keys() and all(
-        isinstance(final[k], torch.Tensor) and torch.equal(checkpoint["model"][k], final[k]) for k in final), \
-        f"{path.name}: the saved model is not the last epoch's weights: {RETRAIN}"
-    return {epoch: kept[epoch] for epoch in epochs}
+    missed = checks.shortfall([h["test_accuracy"] for h in history])
+    assert missed is None, missed
 
 
 def load_weights(metrics, path, net=None):
@@ -263,40 +231,6 @@ def check_scores(metrics, scores):
         assert abs(accuracy - claimed[epoch]) <= CLAIM_TOLERANCE + 1e-9, \
             f"epoch {epoch}: the weights score {accuracy:.2f}% but metrics.json claims {claimed[epoch]:.2f}%: {RETRAIN}"
         assert accuracy >= MIN_ACCURACY, f"epoch {epoch}: the weights score {accuracy:.2f}%, below {MIN_ACCURACY}%"
-
-
-def whole(value):
-    """A JSON integer (true and false are not numbers here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def percent(value):
-    """A JSON number from 0 to 100 (NaN and infinity are not)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 100
-
-
-def read_metrics(path):
-    """metrics.json of a test-set run, checked for every field the gate reads, so that a broken file
-    (or one from a --holdout run) fails every test with one message that names the file and the fix."""
-    path = Path(path)
-    assert path.exists(), f"{path.name} is missing: {RETRAIN}"
-    try:
-        metrics = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AssertionError(f"{path.name} is not valid JSON ({e}): {RETRAIN}") from None
-    assert isinstance(metrics, dict), f"{path.name} holds a {type(metrics).__name__}, not a JSON object: {RETRAIN}"
-    assert metrics.get("eval_split") == "test", \
-        f"{path.name} is not from a test-set run (eval_split {metrics.get('eval_split')!r}, e.g. from --holdout): {RETRAIN}"
-    fields = {"epochs": whole, "params": whole, "test_accuracy": percent,
-              "history": lambda v: isinstance(v, list) and v, "checkpoint": lambda v: isinstance(v, dict)}
-    for field, valid in fields.items():
-        assert valid(metrics.get(field)), f"{path.name} has no valid {field!r} field: {RETRAIN}"
-    assert all(
-        isinstance(h, dict) and whole(h.get("epoch")) and percent(h.get("test_accuracy")) for h in metrics["history"]), \
-        f"{path.name}: each 'history' entry needs an 'epoch' and a 'test_accuracy' from 0 to 100: {RETRAIN}"
-    assert isinstance(metrics["checkpoint"].get("sha256"), str), \
-        f"{path.name} has no 'checkpoint': {{'sha256': ...}} for model.pt: {RETRAIN}"
-    return metrics
 
 
 def mnist_test_set(root=DEFAULT_DATA_DIR):

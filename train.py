@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import artifacts
 import steps
-from checks import Refusal, Unusable, buildable, check_architecture, student_net
+from checks import Refusal, Unusable, buildable, check_architecture, shortfall, student_net
 from data import DEFAULT_DATA_DIR, DataError, load_mnist, to_float
 from measure import count_numbers
 from rules import LAST_EPOCHS, MAX_EPOCHS, MIN_ACCURACY, PARAMS_BELOW
@@ -142,18 +142,6 @@ def metrics_of(run, args, device, split, params):
             "torch_version": torch.__version__, "eval_split": split, "history": run.history,
             f"{split}_accuracy": run.history[-1][f"{split}_accuracy"],
             "seconds": round(sum(h["seconds"] for h in run.history), 1)}
-
-
-def shortfall(accuracies):  # why a run's accuracies per epoch miss the bar (rules.py), or None
-    if len(accuracies) > MAX_EPOCHS:
-        return f"the run has {len(accuracies)} epochs; the rule allows at most {MAX_EPOCHS}"
-    if len(accuracies) < LAST_EPOCHS:
-        return f"the run holds {len(accuracies)} epoch{'s' * (len(accuracies) != 1)}; the rule judges the last {LAST_EPOCHS}"
-    first = len(accuracies) - LAST_EPOCHS + 1
-    low = [f"{epoch} ({a:.2f})" for epoch, a in enumerate(accuracies[-LAST_EPOCHS:], first) if a < MIN_ACCURACY]
-    if low:
-        return f"epoch{'s' * (len(low) > 1)} {', '.join(low)} below {MIN_ACCURACY:.2f}, in the last {LAST_EPOCHS}"
-    return None
 
 
 def verdict(metrics, refusal):

@@ -60,10 +60,12 @@ def test_gate_refuses_claims_the_weights_do_not_deliver(claims, run_scores, inde
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(epochs=MAX_EPOCHS + 1, history=m["history"] + m["history"][:MAX_EPOCHS + 1 - len(m["history"])]),
      f"the limit is {MAX_EPOCHS}"),
-    (lambda m: m["history"][-2].update(test_accuracy=99.0), "each must be"),
+    (lambda m: m["history"][-2].update(test_accuracy=99.0), r"epoch \d+ \(99.00\) below"),
     (lambda m: m.update(params=m["params"] - 1), "metrics.json is from another model"),
     (lambda m: m.update(test_accuracy=99.99), "last epoch"),
-], ids=["too-many-epochs", "dip-in-last-epochs", "params-mismatch", "accuracy-not-last-epoch"])
+    (lambda m: m.update(epochs=1, history=m["history"][:1], test_accuracy=m["history"][0]["test_accuracy"]),
+     f"the run holds 1 epoch; the rule judges the last {LAST_EPOCHS}"),
+], ids=["too-many-epochs", "dip-in-last-epochs", "params-mismatch", "accuracy-not-last-epoch", "a-short-run"])
 def test_gate_refuses_tampered_metrics(claims, edit, message):
     edit(claims)
     with pytest.raises(AssertionError, match=message):

@@ -92,5 +92,9 @@ def test_a_run_saved_beside_the_readme_refreshes_its_blocks(fork, monkeypatch, t
     train.main(["--epochs", "1", "--out", str(fork)], Reference)
     metrics = json.loads((fork / "metrics.json").read_text())
     assert metrics["history"][-1]["epoch"] == 1
-    assert f"rewrote README.md's blocks: {', '.join(summary.BLOCK_NAMES)}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"rewrote README.md's blocks: {', '.join(summary.BLOCK_NAMES)}" in out
+    verdict = out.strip().splitlines()[-1]  # a run ends with its verdict: one epoch of 256 images misses the bar
+    assert verdict.startswith("verdict: misses the bar: ")
+    assert rules.LAST_EPOCHS == 1 or verdict.endswith(f"the run holds 1 epoch; the rule judges the last {rules.LAST_EPOCHS}")
     assert summary.stale_blocks((fork / "README.md").read_text(), metrics) == []
