@@ -176,17 +176,19 @@ def clean_env(**extra):
     return {**env, "PYTHONDONTWRITEBYTECODE": "1", **extra}
 
 
-def run_bounded(argv, cwd, env, timeout):
-    """(exit status or None on timeout, the output's end), its whole process group killed after it."""
+def run_bounded(argv, cwd, env, timeout, own_group=True):
+    """(exit status or None on timeout, the output's end). own_group: the process leads a group of its
+    own, killed whole after it (a lingering grandchild too); else it stays in its caller's group, so
+    that a grader killing the caller's group kills it as well, and only it is killed on a timeout."""
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=own_group)
     try:
         out, _ = proc.communicate(timeout=timeout)
         status = proc.returncode
     except subprocess.TimeoutExpired:
         status = None
-    try:  # what is left of the group: all of it on a timeout, a lingering grandchild otherwise
-        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL) if own_group else proc.kill()
     except ProcessLookupError:
         pass
     if status is None:

@@ -101,7 +101,12 @@ def format_tables(t):
     """tables(model)'s two tables as text."""
     layers = format_table(["layer", "type", "output shape", "params"], t["layers"] + [["total", "", "", t["params"]]],
                           "<<>>")
-    fields = format_table(["layer", "k", "p", "s", "n_in", "n_out", "j_in", "RF"], t["receptive_field"], "<>>>>>>>")
+    rows = t["receptive_field"]
+    fields = format_table(["layer", "k", "p", "s", "n_in", "n_out", "j_in", "RF"], rows, "<>>>>>>>")
+    if not rows or rows[-1][5] != 1 or any(a[5] != b[4] for a, b in zip(rows, rows[1:])):
+        fields += ("\nincomplete: forward changes the map between these modules with functions (F.max_pool2d, "
+                   "x.mean, ...),\nwhich this table does not see; the gate checks by value that every logit sees "
+                   "every pixel")
     return layers, fields
 
 
@@ -175,7 +180,8 @@ HERE = Path(__file__).parent
 
 def rules_table(metrics, last):
     """The course's rules (rules.py) beside this model's figures."""
-    fc = {"after-gap": "optional: one, classifying the pooled vector", "anywhere": "allowed anywhere",
+    fc = {"after-gap": "optional: one, classifying the pooled vector" if rules.REQUIRE_GAP else
+          "optional: one classifier, after the pool where there is one", "anywhere": "allowed anywhere",
           "nowhere": "not allowed"}[rules.FULLY_CONNECTED]
     required = lambda flag: "required" if flag else "optional"
     return "\n".join([
@@ -211,11 +217,11 @@ def readme_blocks(metrics):
     return {
         "title": f"# MNIST in {metrics['params']:,} numbers, with a gate that checks the claim",
         "rules": rules_table(metrics, last),
-        "model": (f"The model in `model.py` carries {metrics['params']:,} numbers in "
-                  f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())} layers. The committed run trained it "
+        "model": (f"The model in `model.py` carries {metrics['params']:,} numbers; its modules: "
+                  f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}. The committed run trained it "
                   f"on {metrics['device']}, epochs 1 to {metrics['epochs']} (seed {metrics['seed']}, torch "
-                  f"{metrics['torch_version']}); its last {rules.LAST_EPOCHS} epochs scored "
-                  f"{', '.join(f'{a:.2f}' for a in last)} % on the test set."),
+                  f"{metrics['torch_version']}); {'its last epoch' if len(last) == 1 else f'its last {len(last)} epochs'} "
+                  f"scored {', '.join(f'{a:.2f}' for a in last)} % on the test set."),
         "forms": "\n".join(checks.FORMS),  # what the gate accepts and refuses, from its own catalogue
         "refusals": "\n".join(checks.refusal_table()),
         "layers": f"```\n{layers}\n```",

@@ -272,7 +272,8 @@ def parse_args(argv=None):
                    help="auto: CUDA, then Apple MPS, then CPU")
     p.add_argument("--amp", choices=["on", "off"], default="off", help="bf16 autocast")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each training step from a captured CUDA graph (steps.py); default: on with CUDA")
+                   help="replay each training step from a captured CUDA graph (steps.py); default: on with CUDA"
+                        "%(default).0s")  # prints nothing: keeps argparse from adding "(default: None)"
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="MNIST root (holds MNIST/raw/); the MNIST_DATA_DIR variable sets the default")
     p.add_argument("--out", type=writable_dir, default=HERE,

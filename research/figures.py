@@ -64,6 +64,6 @@ def main(paths):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit("usage: python -m research.figures seeds.json [more seeds files ...]")
     main(sys.argv[1:])

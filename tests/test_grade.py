@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -194,6 +195,19 @@ def test_code_that_ends_the_gate_early_does_not_pass(tmp_path, prefix, reason):
     assert (row["verdict"], done.returncode) == ("error", 0) and reason in row["reason"], row
 
 
+def graders_children():
+    """The gate's child processes still running from a grade.py staging folder (Linux's /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if any(b"/grade-" in a and a.endswith(b"test_model.py") for a in argv):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
 @pytest.mark.slow
 def test_a_hanging_model_is_an_error_row_and_the_rest_still_grade(tmp_path):
     hangs = submission(tmp_path / "hangs", model=reference_model("while True:\n    pass\n"), gate=False)
@@ -203,6 +217,7 @@ def test_a_hanging_model_is_an_error_row_and_the_rest_still_grade(tmp_path):
     rows = gradebook(tmp_path / "g.csv")
     assert done.returncode == 0
     assert (rows[str(hangs)]["verdict"], rows[str(hangs)]["reason"]) == ("error", "the gate did not finish within 15 s")
+    assert not graders_children(), "the hanging model's process outlived the grade"
     assert rows[str(missing)]["reason"] == "model.py, model.pt, metrics.json missing from the submission"
 
 
