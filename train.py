@@ -139,7 +139,8 @@ def metrics_of(run, args, device, split, params):
     return {"params": params, **{k: getattr(args, k) for k in keys},
             "augment": steps.AUGMENT if args.augment else None, "device": str(device),
             "cuda_graph": isinstance(run.steps, steps.GraphedSteps),
-            "torch_version": torch.__version__, "eval_split": split, "history": run.history,
+            "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "eval_split": split, "history": run.history,
             f"{split}_accuracy": run.history[-1][f"{split}_accuracy"],
             "seconds": round(sum(h["seconds"] for h in run.history), 1)}
 

@@ -26,7 +26,7 @@ from rules import LAST_EPOCHS, MIN_ACCURACY
 RECORD, PICTURE = "seeds.json", "seeds.png"
 # What a record says once about all its seeds (metrics.json's keys); each seed adds its own below.
 SHARED = ("params", "epochs", "batch_size", "lr", "schedule", "ema", "augment", "clean_epochs", "device", "amp",
-          "cuda_graph", "torch_version", "eval_split", "holdout")
+          "cuda_graph", "torch_version", "threads", "cpu_capability", "eval_split", "holdout")
 
 
 def last_epochs(metrics):

@@ -3,6 +3,7 @@ students' own gate files say. Submissions are built in a temporary folder from t
 run of the reference net, with tests/reference.py as its model.py), so no rewrite of model.py can
 change these tests. Each gate run takes 10-30 s on a CPU: most of these are marked slow.
 """
+import copy
 import csv
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 
 import artifacts
 import grade
-from conftest import HERE, ROOT, RUN
+from conftest import HERE, ROOT, RUN, train_command
 from data import DEFAULT_DATA_DIR
 from rules import LAST_EPOCHS
 from summary import publish, summary_markdown
@@ -126,6 +127,20 @@ def test_job_summary_of_a_failure(tmp_path, monkeypatch, capsys):
     assert [line for line in said if line.startswith("::error")] == \
         ["::error title=MNIST gate::epoch 13: the weights score 99.50% but metrics.json claims 99.90%"]
     assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
+
+
+def test_a_retrain_is_exact_only_under_the_same_cpu_numerics():
+    claims = {**json.loads(claims_of()), "device": "cpu", "threads": 2, "cpu_capability": "AVX2"}
+    same = copy.deepcopy(claims)
+    assert grade.compare_runs(claims, same, 0.02, LAST_EPOCHS) == "matches exactly (the same CPU numerics)"
+    same["history"][-1]["train_loss"] += 1e-4  # a different thread count changes the bits, if not the accuracies
+    assert grade.compare_runs(claims, same, 0.02, LAST_EPOCHS).endswith(
+        "the accuracies agree, the other recorded numbers do not")
+    other = {**same, "threads": 1}
+    assert grade.compare_runs(claims, other, 0.02, LAST_EPOCHS) == "matches within 0.02 (other numerics: threads)"
+    other["history"][-1]["test_accuracy"] -= 0.05
+    assert grade.compare_runs(claims, other, 0.02, LAST_EPOCHS).startswith(
+        "retrain does not match within 0.02 (other numerics: threads)")
 
 
 def test_a_gate_that_ran_only_some_tests_has_not_passed():
@@ -246,3 +261,21 @@ def test_retrain_finds_a_history_cut_to_ten_epochs(tmp_path):
     done = run_grade(cut, "--retrain", 1, "--seed", 0, "--out", tmp_path / "g.csv", cwd=tmp_path)
     row = gradebook(tmp_path / "g.csv")[str(cut)]
     assert done.returncode == 0 and row["retrain"].startswith("retrain does not match"), row
+
+
+@pytest.mark.slow
+def test_an_honest_run_retrains_exactly_whatever_the_graders_threads(tmp_path):
+    """A run trained on 2 threads, graded where OMP_NUM_THREADS is 1: the retrain takes the run's own
+    thread count from metrics.json, so a CPU run with the same torch reproduces to the last digit."""
+    run = tmp_path / "run"
+    run.mkdir()
+    subprocess.run(train_command("--epochs", "1", "--device", "cpu", "--out", str(run)), cwd=ROOT, check=True,
+                   capture_output=True, env={**WITH_DATA, "OMP_NUM_THREADS": "2"})
+    folder = submission(tmp_path / "s", metrics=(run / "metrics.json").read_text())
+    (folder / "model.pt").write_bytes((run / "model.pt").read_bytes())
+    commit_all(folder)
+    done = subprocess.run([sys.executable, str(ROOT / "grade.py"), str(folder), "--retrain", "1", "--out",
+                           str(tmp_path / "g.csv")], cwd=tmp_path, capture_output=True, text=True, timeout=1800,
+                          env={**WITH_DATA, "OMP_NUM_THREADS": "1"})
+    row = gradebook(tmp_path / "g.csv")[str(folder)]
+    assert done.returncode == 0 and row["retrain"] == "matches exactly (the same CPU numerics)", row
