@@ -259,15 +259,14 @@ def compare_runs(claims, fresh, tolerance, last_epochs):
     the accuracies within the gate's tolerance."""
     differ = [k for k in NUMERICS if claims.get(k) is None or claims.get(k) != fresh.get(k)]
     want, got = ({h["epoch"]: h for h in run["history"][-last_epochs:]} for run in (claims, fresh))
-    if not differ:
-        how = "exactly (the same CPU numerics)"
-        same = all({k: v for k, v in want[e].items() if k != "seconds"} ==
-                   {k: v for k, v in got.get(e, {}).items() if k != "seconds"} for e in want)
-    else:
-        how = f"within {tolerance} (other numerics: {', '.join(differ)})"
-        same = all(abs(want[e]["test_accuracy"] - got[e]["test_accuracy"]) <= tolerance + 1e-9 for e in want
-                   if e in got)
-    if same and want.keys() == got.keys():
+    how = f"within {tolerance} (other numerics: {', '.join(differ)})" if differ else "exactly (the same CPU numerics)"
+
+    def agree(a, b):  # one epoch of each run; seconds never agree
+        if differ:
+            return abs(a["test_accuracy"] - b["test_accuracy"]) <= tolerance + 1e-9
+        return {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+
+    if want.keys() == got.keys() and all(agree(want[e], got[e]) for e in want):
         return f"matches {how}"
     claimed, retrained = ({e: h["test_accuracy"] for e, h in run.items()} for run in (want, got))
     losses = "; the accuracies agree, the other recorded numbers do not" if claimed == retrained else ""
@@ -284,13 +283,13 @@ def retrain(row, args):
                  "--schedule", c["schedule"], "--ema", str(c["ema"]), "--clean-epochs", str(c["clean_epochs"]),
                  "--seed", str(c["seed"]), "--amp", c["amp"], "--augment" if c["augment"] else "--no-augment",
                  "--device", "cpu"]
+        threads = {"OMP_NUM_THREADS": str(c["threads"])} if type(c.get("threads")) is int and c["threads"] > 0 else {}
     except (ValueError, KeyError, TypeError) as e:  # unreadable, or not the fields train.py writes
         return f"cannot retrain: metrics.json lacks the run's config ({type(e).__name__}: {e})"
     with tempfile.TemporaryDirectory(prefix="retrain-") as tmp:
         tmp = Path(tmp)
         stage(tmp, submission, [p.name for p in HERE.glob("*.py") if p.name not in SUBMITTED])
         (tmp / "out").mkdir()
-        threads = {"OMP_NUM_THREADS": str(c["threads"])} if type(c.get("threads")) is int and c["threads"] > 0 else {}
         status, output = run_bounded([sys.executable, "train.py", *flags, "--out", str(tmp / "out")], tmp,
                                      clean_env(**threads), args.retrain_timeout)
         if status != 0 or not (tmp / "out" / "metrics.json").is_file():
